@@ -1,0 +1,223 @@
+"""Every setting, read from the environment in one place into one frozen object.
+
+``SETTINGS`` below is the single list of knobs: name, type, default and what it
+is for. ``Settings.from_env()`` reads them, validates them and fails with one
+clear line; the README's settings table is generated from the same list
+(``fulfilment settings --markdown``) and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from fulfilment.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: where it lands and how it is parsed."""
+
+    env: str
+    attr: str
+    default: str
+    help: str
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if not parts.scheme or not parts.netloc:
+        raise ValueError("must be an absolute URL")
+    return raw.rstrip("/")
+
+
+def _optional_url(raw: str) -> str:
+    return _url(raw) if raw else ""
+
+
+def _broker_url(raw: str) -> str:
+    """A broker URL; ``memory://`` (the embedded demo's) has no host."""
+    if raw and not urlsplit(raw).scheme:
+        raise ValueError("must be a URL such as redis://host:6379/0 or amqp://host")
+    return raw
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("must be true or false")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- Onebox ---------------------------------------------------------------
+    Setting("ONEBOX_API_URL", "onebox_api_url", "http://127.0.0.1:8650",
+            "Onebox host the distribution API is called on (production: "
+            "`https://api.oneboxtds.com`). The default is a local sandbox.", _url),
+    Setting("ONEBOX_AUTH_URL", "onebox_auth_url", "",
+            "Host of `/oauth/token`; empty means the API host (the token must come "
+            "from the same domain as the API).", _optional_url),
+    Setting("ONEBOX_CHANNEL_ID", "onebox_channel_id", "sandbox-channel",
+            "Sales channel id sent with the client-credentials grant."),
+    Setting("ONEBOX_API_KEY", "onebox_api_key", "sandbox-api-key",
+            "The channel's API key (the OAuth client secret). Secret: never logged.",
+            secret=True),
+    Setting("ONEBOX_CONNECT_TIMEOUT", "onebox_connect_timeout", "3.05",
+            "Seconds to open a connection to Onebox.", _positive_float),
+    Setting("ONEBOX_READ_TIMEOUT", "onebox_read_timeout", "15",
+            "Seconds to wait for Onebox's answer; past it the outcome is unknown.",
+            _positive_float),
+    Setting("ONEBOX_TOKEN_RENEW_MARGIN", "onebox_token_renew_margin", "300",
+            "Renew the access token this many seconds before it expires.",
+            _non_negative_float),
+    # --- Redis and the broker -------------------------------------------------
+    Setting("FULFILMENT_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
+            "Redis for the shared token cache (and the ledger).", _url),
+    Setting("FULFILMENT_BROKER_URL", "broker_url", "",
+            "Celery broker (and results queue); empty means `FULFILMENT_REDIS_URL`.",
+            _broker_url),
+    Setting("FULFILMENT_KEY_PREFIX", "key_prefix", "fulfilment",
+            "Prefix of every Redis key and queue name this project owns; one "
+            "deployment (or one test run) per prefix."),
+    # --- Contracts -----------------------------------------------------------
+    Setting("FULFILMENT_MAX_QUANTITY", "max_quantity", "50",
+            "Largest `quantity` an automatic-seats item may ask for.", _positive_int),
+    # --- Retries -------------------------------------------------------------
+    Setting("FULFILMENT_RETRY_MAX_ATTEMPTS", "retry_max_attempts", "10",
+            "Attempts of one step before the purchase fails.", _positive_int),
+    Setting("FULFILMENT_RETRY_BASE_DELAY", "retry_base_delay", "0.5",
+            "First retry's backoff in seconds; it doubles each attempt (full jitter).",
+            _non_negative_float),
+    Setting("FULFILMENT_RETRY_MAX_DELAY", "retry_max_delay", "60",
+            "Longest backoff between two attempts, in seconds.", _non_negative_float),
+    Setting("FULFILMENT_RETRY_DEADLINE", "retry_deadline", "900",
+            "Seconds after submission past which no retry is started: the purchase fails.",
+            _positive_float),
+    # --- Ledger and queues ----------------------------------------------------
+    Setting("FULFILMENT_LEDGER_RETENTION", "ledger_retention", "604800",
+            "Seconds a ledger entry (and so duplicate detection) is kept; default 7 days.",
+            _positive_int),
+    Setting("FULFILMENT_STUCK_AFTER", "stuck_after", "300",
+            "Seconds without progress after which the recovery sweep resumes an intent.",
+            _positive_float),
+    Setting("FULFILMENT_VISIBILITY_TIMEOUT", "visibility_timeout", "3600",
+            "Redis broker: seconds before an unacknowledged task is redelivered. Must "
+            "exceed the longest retry countdown.", _positive_int),
+    Setting("FULFILMENT_TASK_SOFT_TIME_LIMIT", "task_soft_time_limit", "120",
+            "Seconds a task may run before it is asked to stop.", _positive_int),
+    Setting("FULFILMENT_TASK_TIME_LIMIT", "task_time_limit", "150",
+            "Seconds after which a task's process is killed (and the task redelivered).",
+            _positive_int),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration; build with ``from_env`` or ``replace``."""
+
+    onebox_api_url: str
+    onebox_auth_url: str
+    onebox_channel_id: str
+    onebox_api_key: str = field(repr=False)
+    onebox_connect_timeout: float
+    onebox_read_timeout: float
+    onebox_token_renew_margin: float
+    redis_url: str
+    broker_url: str
+    key_prefix: str
+    max_quantity: int
+    retry_max_attempts: int
+    retry_base_delay: float
+    retry_max_delay: float
+    retry_deadline: float
+    ledger_retention: int
+    stuck_after: float
+    visibility_timeout: int
+    task_soft_time_limit: int
+    task_time_limit: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raise ``ConfigError`` naming the bad one."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = source.get(setting.env, setting.default)
+            try:
+                values[setting.attr] = setting.parse(raw)
+            except ValueError as exc:
+                shown = "<secret>" if setting.secret else repr(raw)
+                raise ConfigError(f"{setting.env}={shown}: {exc}") from None
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Cross-field rules; raise ``ConfigError`` naming the settings involved."""
+        if self.visibility_timeout <= self.retry_max_delay + 300:
+            raise ConfigError("FULFILMENT_VISIBILITY_TIMEOUT must exceed "
+                              "FULFILMENT_RETRY_MAX_DELAY plus the 300 s Retry-After cap, "
+                              "or a waiting retry is redelivered")
+        if self.task_time_limit <= self.task_soft_time_limit:
+            raise ConfigError("FULFILMENT_TASK_TIME_LIMIT must exceed "
+                              "FULFILMENT_TASK_SOFT_TIME_LIMIT")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
+            raise ConfigError("FULFILMENT_KEY_PREFIX must be 1-64 of A-Za-z0-9_.-")
+
+    @classmethod
+    def defaults(cls) -> Settings:
+        """The settings an empty environment gives (the local sandbox)."""
+        return cls.from_env({})
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests, the demo)."""
+        return replace(self, **changes)
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.onebox_auth_url or self.onebox_api_url}/oauth/token"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+
+def settings_table() -> str:
+    """The README's settings table, in Markdown."""
+    rows = ["| variable | default | what it is for |", "| --- | --- | --- |"]
+    for setting in SETTINGS:
+        default = f"`{setting.default}`" if setting.default else "(empty)"
+        rows.append(f"| `{setting.env}` | {default} | {setting.help} |")
+    return "\n".join(rows)
+
+
+assert {s.attr for s in SETTINGS} == {f.name for f in fields(Settings)}, "SETTINGS differ"

@@ -1,0 +1,67 @@
+"""Every Redis key and queue name this project owns, in one place.
+
+All start with the deployment's prefix, so one Redis can hold several
+deployments, or several test runs, side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def ledger(self, reference: str) -> str:
+        """Hash: where one intent stands."""
+        return f"{self.prefix}:ledger:{reference}"
+
+    @property
+    def open_intents(self) -> str:
+        """Sorted set: references without a published outcome, scored by last progress."""
+        return f"{self.prefix}:ledger:open"
+
+    def lease(self, reference: str) -> str:
+        """String with expiry: which worker is acting on an intent now."""
+        return f"{self.prefix}:lease:{reference}"
+
+    @property
+    def intake(self) -> str:
+        """List: plain JSON intents pushed by producers in any language."""
+        return f"{self.prefix}:intake"
+
+    @property
+    def intake_processing(self) -> str:
+        """List: intents taken off ``intake`` but not yet admitted."""
+        return f"{self.prefix}:intake:processing"
+
+    @property
+    def intake_lock(self) -> str:
+        return f"{self.prefix}:intake:lock"
+
+    @property
+    def sweep_lock(self) -> str:
+        return f"{self.prefix}:sweep:lock"
+
+    # --- broker names (queues and exchanges) -----------------------------------
+    @property
+    def task_queue(self) -> str:
+        return f"{self.prefix}.purchase"
+
+    @property
+    def maintenance_queue(self) -> str:
+        return f"{self.prefix}.maintenance"
+
+    @property
+    def results_exchange(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def results_queue(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def failures_queue(self) -> str:
+        """Messages that could not be taken in at all, with their reason."""
+        return f"{self.prefix}.failures"

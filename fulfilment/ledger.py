@@ -1,0 +1,210 @@
+"""The ledger: where every intent stands, in Redis, keyed by its reference.
+
+Queues deliver at least once; the ledger is what makes the work happen once.
+Every step reads the entry before acting and records what it did before the
+message that carried it is acknowledged, so a redelivered or duplicated
+message resumes where the work stands. The ledger, not the broker, is the
+record of what is owed: the recovery sweep walks ``open_intents``.
+
+One Redis hash per intent. Fields: ``intent`` (the payload, JSON),
+``fingerprint``, ``submitted_at``, ``order_id``, ``item_ids`` (JSON list),
+``items_done``, ``pending`` (a basket call sent but not yet recorded),
+``buyer_set``, ``code``, ``confirm_sent``, ``baskets``, ``basket_expires`` and
+``orphan_expires``
+(when an abandoned basket of unknown contents lets go of its seats),
+``attempts``, ``outcome`` (the result, JSON, written once), ``published``,
+``updated_at``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from fulfilment.keys import Keys
+from schemas.intent import PurchaseIntent, dump_intent, load_intent
+from schemas.result import OrderResult, dump_result, load_result
+
+
+class Admission(enum.Enum):
+    """What ``Ledger.admit`` made of an intent."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"  # same reference, same payload: already taken
+    CONFLICT = "conflict"  # same reference, different payload: refused
+
+
+# KEYS: ledger key, open-intents zset. ARGV: fingerprint, intent json,
+# submitted_at, now, retention seconds, reference.
+_ADMIT = """
+local existing = redis.call('HGET', KEYS[1], 'fingerprint')
+if existing then
+  if existing == ARGV[1] then return 'duplicate' end
+  return 'conflict'
+end
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'intent', ARGV[2],
+           'submitted_at', ARGV[3], 'updated_at', ARGV[4], 'items_done', 0,
+           'attempts', 0, 'baskets', 0, 'buyer_set', 0, 'confirm_sent', 0, 'published', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+return 'new'
+"""
+
+# Write the outcome once. KEYS: ledger key. ARGV: outcome json, now.
+# Returns the outcome that stands (ours, or the one written before).
+_FINISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local existing = redis.call('HGET', KEYS[1], 'outcome')
+if existing then return existing end
+redis.call('HSET', KEYS[1], 'outcome', ARGV[1], 'updated_at', ARGV[2])
+return ARGV[1]
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One intent's ledger entry, as read."""
+
+    reference: str
+    intent: PurchaseIntent
+    fingerprint: str
+    submitted_at: datetime
+    order_id: str | None
+    item_ids: tuple[int, ...]
+    items_done: int
+    pending: str | None
+    buyer_set: bool
+    code: str | None
+    confirm_sent: bool
+    baskets: int
+    basket_expires: float | None
+    orphan_expires: float | None
+    attempts: int
+    outcome: OrderResult | None
+    published: bool
+    updated_at: float
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+
+class Ledger:
+    """Reads and writes ledger entries; every write is one atomic Redis command."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, retention: int,
+                 max_quantity: int, clock: Callable[[], float] = time.time) -> None:
+        self.redis = client
+        self._keys = keys
+        self._retention = retention
+        self._max_quantity = max_quantity
+        self._clock = clock
+        self._admit = client.register_script(_ADMIT)
+        self._finish = client.register_script(_FINISH)
+
+    def admit(self, intent: PurchaseIntent, submitted_at: datetime | None = None) -> Admission:
+        """Record a new intent, or say it is a duplicate or a conflicting reuse."""
+        submitted = (submitted_at or datetime.fromtimestamp(self._clock(), UTC)).isoformat()
+        answer = self._admit(
+            keys=[self._keys.ledger(intent.reference), self._keys.open_intents],
+            args=[intent.fingerprint(), json.dumps(dump_intent(intent), separators=(",", ":")),
+                  submitted, repr(self._clock()), self._retention, intent.reference],
+        )
+        return Admission(_text(answer))
+
+    def get(self, reference: str) -> Entry | None:
+        raw = self.redis.hgetall(self._keys.ledger(reference))
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return self._entry(reference, fields)
+
+    def record(self, reference: str, **changes: Any) -> None:
+        """Write progress fields (and mark the intent as having progressed now)."""
+        now = self._clock()
+        mapping: dict[Any, Any] = {name: _encode(v) for name, v in changes.items()}
+        mapping["updated_at"] = repr(now)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys.ledger(reference), mapping=mapping)
+            pipe.zadd(self._keys.open_intents, {reference: now}, xx=True)
+            pipe.execute()
+
+    def count_attempt(self, reference: str) -> int:
+        """One more step attempt for this intent; returns the total so far."""
+        return int(self.redis.hincrby(self._keys.ledger(reference), "attempts", 1))
+
+    def finish(self, reference: str, outcome: OrderResult) -> OrderResult | None:
+        """Write the outcome unless one stands already; return the one that stands."""
+        stored = self._finish(
+            keys=[self._keys.ledger(reference)],
+            args=[json.dumps(dump_result(outcome), separators=(",", ":")), repr(self._clock())],
+        )
+        return load_result(_text(stored)) if stored else None
+
+    def mark_published(self, reference: str) -> None:
+        """The outcome is on the results queue: nothing more is owed for this intent."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys.ledger(reference), "published", "1")
+            pipe.zrem(self._keys.open_intents, reference)
+            pipe.execute()
+
+    def stuck(self, older_than: float, limit: int = 500) -> list[str]:
+        """References whose last progress is older than ``older_than`` (epoch seconds)."""
+        found = self.redis.zrangebyscore(self._keys.open_intents, "-inf", older_than,
+                                          start=0, num=limit)
+        return [_text(ref) for ref in found]
+
+    def forget_open(self, reference: str) -> None:
+        """Drop a reference from the open set (its entry expired)."""
+        self.redis.zrem(self._keys.open_intents, reference)
+
+    def open_count(self) -> int:
+        return int(self.redis.zcard(self._keys.open_intents))
+
+    def _entry(self, reference: str, fields: Mapping[str, str]) -> Entry:
+        outcome = fields.get("outcome")
+        return Entry(
+            reference=reference,
+            intent=load_intent(fields["intent"], max_quantity=self._max_quantity),
+            fingerprint=fields["fingerprint"],
+            submitted_at=datetime.fromisoformat(fields["submitted_at"]),
+            order_id=fields.get("order_id") or None,
+            item_ids=tuple(json.loads(fields.get("item_ids") or "[]")),
+            items_done=int(fields.get("items_done", 0)),
+            pending=fields.get("pending") or None,
+            buyer_set=fields.get("buyer_set") == "1",
+            code=fields.get("code") or None,
+            confirm_sent=fields.get("confirm_sent") == "1",
+            baskets=int(fields.get("baskets", 0)),
+            basket_expires=_float(fields.get("basket_expires")),
+            orphan_expires=_float(fields.get("orphan_expires")),
+            attempts=int(fields.get("attempts", 0)),
+            outcome=load_result(outcome) if outcome else None,
+            published=fields.get("published") == "1",
+            updated_at=float(fields.get("updated_at", 0)),
+        )
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _encode(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    return str(value)

@@ -1,0 +1,98 @@
+"""Publishing outcomes to the results queue, and reading them back.
+
+Results are published with kombu, persistent, to a durable exchange, and the
+publish is retried across broker hiccups. Delivery is at least once: a
+consumer may see one outcome twice (a worker died between publishing and
+recording that it had), and drops the second by its ``result_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from kombu import Connection
+from kombu.pools import producers
+
+from fulfilment.topology import FAILURE_KEY, Topology, routing_key_for
+from schemas.result import OrderResult, dump_result, load_result
+
+log = logging.getLogger(__name__)
+
+RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
+                "interval_max": 3.0}
+
+
+class ResultPublisher:
+    """Puts outcomes (and refused messages) on the broker."""
+
+    def __init__(self, connection: Connection, topology: Topology) -> None:
+        self._connection = connection
+        self._topology = topology
+
+    def publish(self, result: OrderResult) -> None:
+        body = dump_result(result)
+        self._send(body, self._topology.results_exchange, routing_key_for(result.status),
+                   self._topology.results_queue, headers={"result_id": result.result_id,
+                                                          "reference": result.reference})
+        log.info("published %s result %s", result.status, result.result_id)
+
+    def publish_failure(self, reason: str, errors: Any, payload: str | None) -> None:
+        """A message that could not be taken in: its reason and the raw payload.
+
+        The payload may hold personal data: it goes to this queue, where an
+        operator can fix and resubmit it, and never to a log.
+        """
+        body = {"reason": reason, "errors": errors, "payload": payload}
+        self._send(body, self._topology.failures_exchange, FAILURE_KEY,
+                   self._topology.failures_queue, headers={})
+        log.warning("message refused and sent to the failures queue: %s", reason)
+
+    def _send(self, body: Any, exchange: Any, routing_key: str, queue: Any,
+              headers: dict[str, str]) -> None:
+        with producers[self._connection].acquire(block=True, timeout=30) as producer:
+            producer.publish(
+                body, exchange=exchange, routing_key=routing_key, serializer="json",
+                delivery_mode=2, declare=[exchange, queue], headers=headers,
+                retry=True, retry_policy=RETRY_POLICY,
+            )
+
+
+def consume_results(connection: Connection, topology: Topology, *, timeout: float = 1.0,
+                    idle_timeout: float | None = None) -> Iterator[OrderResult]:
+    """Yield results as they arrive; each is acknowledged once the caller takes the next.
+
+    Stops after ``idle_timeout`` seconds without a message (never, if None).
+    """
+    yield from _consume(connection, topology.results_queue, load_result, timeout, idle_timeout)
+
+
+def consume_failures(connection: Connection, topology: Topology, *, timeout: float = 1.0,
+                     idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """Yield refused messages (reason, errors, payload) from the failures queue."""
+    yield from _consume(connection, topology.failures_queue, dict, timeout, idle_timeout)
+
+
+def _consume(connection: Connection, queue: Any, load: Any, timeout: float,
+             idle_timeout: float | None) -> Iterator[Any]:
+    simple = connection.SimpleQueue(queue)
+    idle = 0.0
+    try:
+        while True:
+            try:
+                message = simple.get(block=True, timeout=timeout)
+            except simple.Empty:
+                idle += timeout
+                if idle_timeout is not None and idle >= idle_timeout:
+                    return
+                continue
+            idle = 0.0
+            payload = message.payload
+            if isinstance(payload, str | bytes):
+                payload = json.loads(payload)
+            yield load(payload)
+            message.ack()
+    finally:
+        simple.close()

@@ -1,0 +1,455 @@
+"""Orders, holds, inventory and basket expiry: the sandbox's rules, without I/O.
+
+Everything here runs in the event loop's thread, so there are no locks. The
+clock is injected so the rules (expiry above all) can be tested without
+waiting. Expiry is lazy but exact: every operation first drops the baskets
+whose time is up, oldest touch first, so nobody can observe a basket that
+should be gone. A basket's deadline is its last touch plus the *current*
+``basket_ttl``; that keeps open orders sorted by deadline in touch order even
+when the TTL is changed at run time, so the sweep stays O(expired).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fulfilment.sandbox.catalogue import Catalogue, Rate, Session
+
+BASKET = "BASKET"
+PRE_CONFIRM = "PRE_CONFIRM"
+CONFIRM = "CONFIRM"
+STATUSES = (BASKET, PRE_CONFIRM, CONFIRM)
+
+_CODE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+class ApiError(Exception):
+    """A refusal the API answers with ``{"code", "message"}`` and an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError(409, "ORDER_SEAT_NOT_AVAILABLE", message)
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "DIST0005", message)
+
+
+@dataclass(slots=True, eq=False)
+class Item:
+    """One seat or not-numbered place in an order; ``doc`` is its JSON form."""
+
+    id: int
+    session_id: int
+    price_type_id: int
+    seat_id: int | None
+    price: float
+    doc: dict[str, Any]
+
+
+@dataclass(slots=True, eq=False)
+class Order:
+    """An order and what it holds. ``touched`` is when a call last touched it."""
+
+    id: str
+    created: float
+    touched: float
+    status: str = BASKET
+    code: str | None = None
+    external_code: str | None = None
+    items: dict[int, Item] = field(default_factory=dict)
+    buyer: dict[str, Any] | None = None
+    delivery_method: str | None = None
+    payments: list[Any] | None = None
+    currency: str = "EUR"
+
+
+class SessionStock:
+    """Who holds or bought each seat and place of one session.
+
+    Free numbered seats sit in a min-heap per price type so seats-auto finds the
+    lowest free ids without scanning sold ones; entries are checked when popped
+    (a seat taken through ``/orders/seats`` stays in the heap until then).
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.held: dict[int, str] = {}
+        self.sold: dict[int, str] = {}
+        self._free = {pt: list(ids) for pt, ids in session.seats_by_price_type.items()}
+        self.cap_held = dict.fromkeys(session.capacity, 0)
+        self.cap_sold = dict.fromkeys(session.capacity, 0)
+
+    def check_seats(self, seat_ids: Iterable[int]) -> None:
+        """Raise 409 unless every seat exists and is free."""
+        seats = self.session.seats
+        for seat_id in seat_ids:
+            if seat_id not in seats:
+                raise _unavailable(f"seat {seat_id} does not exist in session {self.session.id}")
+            if seat_id in self.held or seat_id in self.sold:
+                raise _unavailable(f"seat {seat_id} of session {self.session.id} is not free")
+
+    def hold_seats(self, order_id: str, seat_ids: Iterable[int]) -> None:
+        """Hold seats already checked by ``check_seats``."""
+        for seat_id in seat_ids:
+            self.held[seat_id] = order_id
+
+    def hold_auto(self, order_id: str, price_type_id: int, quantity: int) -> list[int | None]:
+        """Hold ``quantity`` places of a price type, all or none; None = not numbered."""
+        if price_type_id in self.session.capacity:
+            free = (self.session.capacity[price_type_id] - self.cap_held[price_type_id]
+                    - self.cap_sold[price_type_id])
+            if free < quantity:
+                raise _unavailable(f"only {free} places left of price type {price_type_id}")
+            self.cap_held[price_type_id] += quantity
+            return [None] * quantity
+        heap = self._free.get(price_type_id, [])
+        taken: list[int] = []
+        while heap and len(taken) < quantity:
+            seat_id = heapq.heappop(heap)
+            if seat_id not in self.held and seat_id not in self.sold:
+                self.held[seat_id] = order_id
+                taken.append(seat_id)
+        if len(taken) < quantity:
+            for seat_id in taken:
+                del self.held[seat_id]
+                heapq.heappush(heap, seat_id)
+            raise _unavailable(f"fewer than {quantity} seats left of price type {price_type_id}")
+        return list[int | None](taken)
+
+    def release(self, item: Item) -> None:
+        """Give a held item's seat or place back."""
+        if item.seat_id is None:
+            self.cap_held[item.price_type_id] -= 1
+        else:
+            self.held.pop(item.seat_id, None)
+            heapq.heappush(self._free[item.price_type_id], item.seat_id)
+
+    def sell(self, item: Item, order_id: str) -> bool:
+        """Turn a held item into a sale; False if that seat was already sold."""
+        if item.seat_id is None:
+            self.cap_held[item.price_type_id] -= 1
+            self.cap_sold[item.price_type_id] += 1
+            return self.cap_sold[item.price_type_id] <= self.session.capacity[item.price_type_id]
+        self.held.pop(item.seat_id, None)
+        if item.seat_id in self.sold:
+            return False
+        self.sold[item.seat_id] = order_id
+        return True
+
+    def inventory(self) -> dict[str, Any]:
+        """Every seat's state and every price type's place counts."""
+        seats = {
+            str(seat_id): "SOLD" if seat_id in self.sold else "HELD" if seat_id in self.held
+            else "FREE"
+            for seat_id in self.session.seats
+        }
+        capacity = {}
+        for pt, total in self.session.capacity.items():
+            held, sold = self.cap_held[pt], self.cap_sold[pt]
+            capacity[str(pt)] = {"total": total, "free": total - held - sold,
+                                 "held": held, "sold": sold}
+        return {"seats": seats, "capacity": capacity}
+
+
+class _IsoClock:
+    """UTC ISO-8601 text per whole second, cached: formatting is not free."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, timestamp: float) -> str:
+        second = int(timestamp)
+        text = self._cache.get(second)
+        if text is None:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+            self._cache[second] = text
+        return text
+
+
+class SandboxState:
+    """All orders and inventory, with the rules of ``docs/sandbox.md``."""
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        *,
+        basket_ttl: float = 600.0,
+        max_items: int = 1000,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.catalogue = catalogue
+        self.basket_ttl = basket_ttl
+        self.max_items = max_items
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._iso = _IsoClock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every order, hold and sale; keep the catalogue and settings."""
+        self.orders: dict[str, Order] = {}
+        self._by_code: dict[str, Order] = {}
+        self._open: OrderedDict[str, Order] = OrderedDict()
+        self._stock = {sid: SessionStock(s) for sid, s in self.catalogue.sessions.items()}
+        self._next_item_id = 1
+        self._expired = 0
+        self._confirmed_by_ref: dict[str, list[str]] = {}
+        self._confirmed_without_ref = 0
+        self._sold_by_session: dict[int, int] = {}
+        self._sold_twice = 0
+
+    # -- lookup and expiry -------------------------------------------------
+
+    def sweep(self) -> float:
+        """Drop every basket whose time is up; return the time used."""
+        now = self._clock()
+        deadline = now - self.basket_ttl
+        open_orders = self._open
+        while open_orders:
+            order = next(iter(open_orders.values()))
+            if order.touched > deadline:
+                break
+            self._expire(order)
+        return now
+
+    def _expire(self, order: Order) -> None:
+        del self._open[order.id]
+        del self.orders[order.id]
+        if order.code is not None:
+            self._by_code.pop(order.code, None)
+        for item in order.items.values():
+            self._stock[item.session_id].release(item)
+        self._expired += 1
+
+    def create_order(self) -> Order:
+        """A new, empty basket."""
+        now = self.sweep()
+        order_id = f"{self._rng.getrandbits(128):032x}"
+        order = Order(order_id, created=now, touched=now)
+        self.orders[order_id] = order
+        self._open[order_id] = order
+        return order
+
+    def order(self, order_id: str) -> Order:
+        """The order a distribution call names; the call touches it (its expiry restarts)."""
+        now = self.sweep()
+        order = self.orders.get(order_id)
+        if order is None:
+            raise ApiError(404, "ORDER_NOT_FOUND", f"order {order_id} not found")
+        if order.status != CONFIRM:
+            order.touched = now
+            self._open.move_to_end(order_id)
+        return order
+
+    def order_by_code(self, code: str) -> Order:
+        """The order with that code (reading does not touch it)."""
+        self.sweep()
+        order = self._by_code.get(code)
+        if order is None:
+            raise ApiError(404, "ORDER_NOT_FOUND", f"order {code} not found")
+        return order
+
+    # -- the purchase flow -------------------------------------------------
+
+    def _session(self, session_id: int) -> Session:
+        session = self.catalogue.sessions.get(session_id)
+        if session is None:
+            raise ApiError(404, "SESSION_NOT_FOUND", f"session {session_id} not found")
+        return session
+
+    @staticmethod
+    def _require(order: Order, status: str, action: str) -> None:
+        if order.status != status:
+            raise ApiError(400, "DIST0004", f"cannot {action} an order in status {order.status}")
+
+    def _check_room(self, order: Order, more: int) -> None:
+        if len(order.items) + more > self.max_items:
+            raise ApiError(400, "ORDER_ITEMS_LIMIT_EXCEEDED",
+                           f"an order holds at most {self.max_items} items")
+
+    @staticmethod
+    def _rate(session: Session, price_type_id: int, rate_id: int | None) -> tuple[Rate, float]:
+        rate_id = session.default_rate_id if rate_id is None else rate_id
+        price = session.price_types[price_type_id].prices.get(rate_id)
+        if price is None:
+            raise _invalid(f"rate {rate_id} does not apply to price type {price_type_id}")
+        return session.rates[rate_id], price
+
+    def _add_item(self, order: Order, session: Session, *, price_type_id: int,
+                  seat_id: int | None, rate: Rate, price: float) -> None:
+        item_id = self._next_item_id
+        self._next_item_id += 1
+        allocation = (session.seats[seat_id].allocation if seat_id is not None
+                      else session.capacity_allocations[price_type_id])
+        doc = {"id": item_id, "type": "SEAT", "state": "RESERVED", "allocation": allocation,
+               "rate": rate.doc, "price": price}
+        order.items[item_id] = Item(item_id, session.id, price_type_id, seat_id, price, doc)
+        if len(order.items) == 1:
+            order.currency = session.currency
+
+    def add_seats(self, order: Order, seats: Sequence[tuple[int, int, int | None]]) -> None:
+        """Hold exact seats, given as (seat id, session id, rate id or None); all or none."""
+        self._require(order, BASKET, "add seats to")
+        if not seats:
+            raise _invalid("seats must not be empty")
+        self._check_room(order, len(seats))
+        wanted: dict[int, list[tuple[int, Rate, float, int]]] = {}
+        seen: set[tuple[int, int]] = set()
+        for seat_id, session_id, rate_id in seats:
+            session = self._session(session_id)
+            seat = session.seats.get(seat_id)
+            if seat is None:
+                raise _unavailable(f"seat {seat_id} does not exist in session {session_id}")
+            rate, price = self._rate(session, seat.price_type_id, rate_id)
+            if (session_id, seat_id) in seen:
+                raise _invalid(f"seat {seat_id} is asked for twice")
+            seen.add((session_id, seat_id))
+            wanted.setdefault(session_id, []).append((seat_id, rate, price, seat.price_type_id))
+        for session_id, asked in wanted.items():
+            self._stock[session_id].check_seats(seat_id for seat_id, *_ in asked)
+        for session_id, asked in wanted.items():
+            self._stock[session_id].hold_seats(order.id, (seat_id for seat_id, *_ in asked))
+            session = self.catalogue.sessions[session_id]
+            for seat_id, rate, price, price_type_id in asked:
+                self._add_item(order, session, price_type_id=price_type_id, seat_id=seat_id,
+                               rate=rate, price=price)
+
+    def add_seats_auto(self, order: Order, session_id: int, price_type_id: int,
+                       quantity: int, rate_id: int | None = None) -> None:
+        """Let the venue pick ``quantity`` places of a price type; all or none."""
+        self._require(order, BASKET, "add seats to")
+        if quantity < 1:
+            raise _invalid("quantity must be at least 1")
+        self._check_room(order, quantity)
+        session = self._session(session_id)
+        if price_type_id not in session.price_types:
+            raise _invalid(f"price type {price_type_id} is not sold in session {session_id}")
+        rate, price = self._rate(session, price_type_id, rate_id)
+        taken = self._stock[session_id].hold_auto(order.id, price_type_id, quantity)
+        for seat_id in taken:
+            self._add_item(order, session, price_type_id=price_type_id, seat_id=seat_id,
+                           rate=rate, price=price)
+
+    def set_buyer(self, order: Order, buyer: Mapping[str, Any]) -> None:
+        """Attach the buyer's data."""
+        self._require(order, BASKET, "set the buyer of")
+        order.buyer = dict(buyer)
+
+    def pre_confirm(self, order: Order, delivery_method: str | None = None) -> None:
+        """Move a complete basket to PRE_CONFIRM; it gets its code (kept from then on)."""
+        self._require(order, BASKET, "pre-confirm")
+        if not order.items:
+            raise ApiError(400, "PARAMETER_REQUIRED", "the order has no items")
+        if order.buyer is None:
+            raise ApiError(400, "PARAMETER_REQUIRED", "the order has no buyer data")
+        if order.code is None:
+            code = self._new_code()
+            order.code = code
+            self._by_code[code] = order
+        order.delivery_method = delivery_method
+        order.status = PRE_CONFIRM
+
+    def _new_code(self) -> str:
+        while True:
+            code = "".join(self._rng.choices(_CODE_ALPHABET, k=12))
+            if code not in self._by_code:
+                return code
+
+    def confirm(self, order: Order, external_code: str | None = None,
+                payments: list[Any] | None = None) -> None:
+        """Sell what a PRE_CONFIRM order holds; the order is final from now on."""
+        self._require(order, PRE_CONFIRM, "confirm")
+        for item in order.items.values():
+            if not self._stock[item.session_id].sell(item, order.id):
+                self._sold_twice += 1
+            item.doc["state"] = "SOLD"
+            self._sold_by_session[item.session_id] = (
+                self._sold_by_session.get(item.session_id, 0) + 1)
+        order.status = CONFIRM
+        order.external_code = external_code
+        order.payments = payments
+        del self._open[order.id]
+        assert order.code is not None
+        if external_code is None:
+            self._confirmed_without_ref += 1
+        else:
+            self._confirmed_by_ref.setdefault(external_code, []).append(order.code)
+
+    def release(self, order: Order, item_ids: Sequence[int]) -> None:
+        """Give items back, all or none; a PRE_CONFIRM order returns to BASKET."""
+        if order.status == CONFIRM:
+            raise ApiError(400, "DIST0004", "cannot release seats of a confirmed order")
+        unknown = [item_id for item_id in item_ids if item_id not in order.items]
+        if unknown:
+            raise _invalid(f"items {unknown} are not in the order")
+        for item_id in dict.fromkeys(item_ids):
+            item = order.items.pop(item_id)
+            self._stock[item.session_id].release(item)
+        order.status = BASKET
+
+    # -- views ---------------------------------------------------------------
+
+    def render(self, order: Order) -> dict[str, Any]:
+        """The order object as the API answers it."""
+        if order.status == CONFIRM:
+            expires_in = None
+        else:
+            deadline = order.touched + self.basket_ttl
+            expires_in = {"value": max(0, math.ceil(deadline - self._clock())),
+                          "time_unit": "SECONDS", "date": self._iso(deadline)}
+        items = order.items.values()
+        base = round(sum((item.price for item in items), 0.0), 2)
+        return {
+            "id": order.id,
+            "code": order.code,
+            "date": self._iso(order.created),
+            "external_code": order.external_code,
+            "type": "PURCHASE",
+            "language_code": "en-US",
+            "status": {"type": order.status, "expires_in": expires_in},
+            "items": [item.doc for item in items],
+            "buyer_data": order.buyer or {},
+            "price": {"base": base, "promotions": [], "delivery": 0.0, "insurance": 0.0,
+                      "surcharges": [], "final": base, "currency": order.currency},
+        }
+
+    def audit(self) -> dict[str, Any]:
+        """Counts that let a test prove nothing was bought twice or lost."""
+        self.sweep()
+        orders = dict.fromkeys(STATUSES, 0)
+        for order in self._open.values():
+            orders[order.status] += 1
+        orders[CONFIRM] = len(self.orders) - len(self._open)
+        return {
+            "orders": orders,
+            "orders_expired": self._expired,
+            "confirmed": {ref: list(codes) for ref, codes in self._confirmed_by_ref.items()},
+            "duplicates": {ref: len(codes) for ref, codes in self._confirmed_by_ref.items()
+                           if len(codes) > 1},
+            "confirmed_without_external_code": self._confirmed_without_ref,
+            "seats_sold": {str(sid): n for sid, n in self._sold_by_session.items()},
+            "seats_sold_twice": self._sold_twice,
+        }
+
+    def inventory(self, session_id: int) -> dict[str, Any]:
+        """Seat states and place counts of one session."""
+        self.sweep()
+        self._session(session_id)
+        return self._stock[session_id].inventory()

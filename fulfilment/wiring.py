@@ -1,0 +1,77 @@
+"""Build the collaborators (Redis, Onebox client, ledger, publisher) from settings.
+
+One place that knows how the parts fit, so the worker, the CLI, the demo and
+the tests all assemble them the same way. The demo passes a fakeredis client
+and a ``memory://`` broker; everything else uses the real ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from kombu import Connection
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from fulfilment.config import Settings
+from fulfilment.flow import Services
+from fulfilment.keys import Keys
+from fulfilment.lease import Leases
+from fulfilment.ledger import Ledger
+from fulfilment.onebox.client import build_client
+from fulfilment.results import ResultPublisher
+from fulfilment.retry import RetryPolicy
+from fulfilment.topology import Topology
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client that rides out a short blip (a failover, a restart)."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 5),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+#: The embedded demo's in-memory broker: no hostname, and a short poll.
+MEMORY_BROKER = "memory://localhost/"
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Broker transport options, the same for the Celery app and our own kombu use."""
+    url = settings.effective_broker_url
+    if url.startswith("memory://"):
+        return {"polling_interval": 0.005}
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if url.startswith(("redis://", "rediss://")):
+        # Every broker key under the deployment's prefix too: one Redis, many deployments.
+        options["global_keyprefix"] = f"{settings.key_prefix}:broker:"
+    return options
+
+
+def broker_connection(settings: Settings) -> Connection:
+    return Connection(settings.effective_broker_url, transport_options=transport_options(settings))
+
+
+def build_ledger(settings: Settings, client: redis.Redis) -> Ledger:
+    return Ledger(client, Keys(settings.key_prefix), settings.ledger_retention,
+                  settings.max_quantity)
+
+
+def build_services(settings: Settings, client: redis.Redis | None = None,
+                   connection: Connection | None = None) -> Services:
+    client = client if client is not None else redis_client(settings)
+    keys = Keys(settings.key_prefix)
+    return Services(
+        settings=settings,
+        client=build_client(settings, client),
+        ledger=build_ledger(settings, client),
+        publisher=ResultPublisher(connection or broker_connection(settings),
+                                  Topology.for_keys(keys)),
+        leases=Leases(client, keys, settings.task_time_limit + 30),
+        policy=RetryPolicy.from_settings(settings),
+    )

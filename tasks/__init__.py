@@ -1,0 +1,10 @@
+"""The Celery layer: the app, thin tasks, and the Python producer API.
+
+``celery -A tasks worker`` finds ``tasks.app``. Producers call ``submit`` or
+``submit_many``; both validate before anything is enqueued.
+"""
+
+from tasks.app import app
+from tasks.producer import submit, submit_many
+
+__all__ = ["app", "submit", "submit_many"]

@@ -1,0 +1,83 @@
+"""The purchase as a Celery chain of thin tasks.
+
+basket -> pre_confirm -> confirm -> publish. The basket steps (create, seats
+per item, buyer data) share one task: a broker hop costs about 1 ms of worker
+CPU and buys nothing there, because the ledger already records progress after
+every call, so a retry resumes at the item it stopped on. Each task decodes its
+argument, asks ``fulfilment.flow.advance`` to bring the intent up to its stage,
+and either passes the reference on or schedules its own retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import redis
+from celery import Task, chain
+from celery.canvas import Signature
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
+
+from fulfilment import flow
+from fulfilment.flow import RetryIn, Stage, UnknownIntentError
+from tasks import runtime
+from tasks.app import app
+
+log = logging.getLogger(__name__)
+
+_REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: Redis or broker blips: retried with backoff by Celery itself (nothing was recorded).
+INFRA_ERRORS = (redis.RedisError, ConnectionError, OperationalError)
+
+
+AnyTask = Task[Any, Any]
+
+
+def _advance(task: AnyTask, reference: object, stage: Stage) -> str:
+    if not isinstance(reference, str) or not _REFERENCE.fullmatch(reference):
+        runtime.services().publisher.publish_failure(
+            "task argument is not a reference", {"reference": ["invalid"]}, repr(reference)[:200])
+        raise Ignore()
+    try:
+        decision = flow.advance(runtime.services(), reference, stage,
+                                attempt=task.request.retries + 1)
+    except UnknownIntentError as exc:
+        runtime.services().publisher.publish_failure(exc.message, {}, reference)
+        raise Ignore() from None
+    except SoftTimeLimitExceeded:
+        # The flow recorded what it had sent; the next run settles it.
+        raise task.retry(countdown=1.0, max_retries=None) from None
+    if isinstance(decision, RetryIn):
+        log.info("retrying %s of %s in %.2fs (%s)", stage.name, reference, decision.delay,
+                 decision.reason)
+        raise task.retry(countdown=decision.delay, max_retries=None)
+    return reference
+
+
+def _stage_task(name: str, stage: Stage) -> AnyTask:
+    """A bound task that brings an intent up to ``stage``; Redis blips retry with backoff."""
+
+    def run(self: AnyTask, reference: str) -> str:
+        return _advance(self, reference, stage)
+
+    run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
+    run.__doc__ = f"Bring an intent up to {stage.name}."
+    return app.task(name=name, bind=True, acks_late=True, autoretry_for=INFRA_ERRORS,
+                    retry_backoff=True, retry_backoff_max=30, max_retries=None)(run)
+
+
+basket = _stage_task("fulfilment.basket", Stage.BASKET)
+pre_confirm = _stage_task("fulfilment.pre_confirm", Stage.PRE_CONFIRMED)
+confirm = _stage_task("fulfilment.confirm", Stage.FINISHED)
+publish = _stage_task("fulfilment.publish", Stage.PUBLISHED)
+
+
+def purchase_chain(reference: str) -> Signature[Any]:
+    return chain(basket.si(reference), pre_confirm.s(), confirm.s(), publish.s())
+
+
+def dispatch(reference: str) -> None:
+    """Start (or restart) the purchase of an admitted intent."""
+    purchase_chain(reference).apply_async()

@@ -1,0 +1,113 @@
+"""A small real deployment for end-to-end tests.
+
+Real Redis (a database of its own and a key prefix per test), the sandbox as a
+process of its own, Celery workers as processes started with ``celery -A tasks
+worker``, and this test process as the producer and the results consumer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fulfilment.config import SETTINGS, Settings
+from fulfilment.keys import Keys
+from fulfilment.results import consume_failures, consume_results
+from fulfilment.topology import Topology
+from fulfilment.wiring import broker_connection
+from schemas.result import OrderResult
+from tests.processes import Child, SandboxProcess, worker_args
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The environment that makes a worker process read exactly these settings."""
+    return {s.env: str(getattr(settings, s.attr)) for s in SETTINGS}
+
+
+@dataclass
+class Cluster:
+    settings: Settings
+    sandbox: SandboxProcess
+    tmp: Path
+    workers: list[Child] = field(default_factory=list)
+    results: dict[str, list[OrderResult]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.key_prefix)
+
+    def start_worker(self, *, concurrency: int = 2, beat: bool = False) -> Child:
+        name = f"w{len(self.workers)}-{self.settings.key_prefix}@%h"
+        args = worker_args([self.keys.task_queue, self.keys.maintenance_queue], name,
+                           concurrency=concurrency, beat=beat,
+                           schedule=self.tmp / f"beat-{len(self.workers)}")
+        worker = Child(args, self.tmp / f"worker-{len(self.workers)}.log", env_for(self.settings))
+        self.workers.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.sandbox.stop()
+
+    def worker_logs(self) -> str:
+        return "\n".join(f"--- {w.log_path.name}\n{w.output()[-6000:]}" for w in self.workers)
+
+    def collect(self, references: set[str], *, timeout: float = 90.0) -> dict[str, OrderResult]:
+        """Read results until every reference has one; fail with the logs if not in time."""
+        deadline = time.monotonic() + timeout
+        topology = Topology.for_keys(self.keys)
+        with broker_connection(self.settings) as connection:
+            while not references <= self.results.keys():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(references - self.results.keys())
+                    raise AssertionError(f"no outcome for {len(missing)} intents, e.g. "
+                                         f"{missing[:5]}\n{self.worker_logs()}")
+                for result in consume_results(connection, topology, timeout=0.2,
+                                              idle_timeout=min(remaining, 2.0)):
+                    self.results.setdefault(result.reference, []).append(result)
+                    if references <= self.results.keys():
+                        break
+        return {ref: self.results[ref][0] for ref in references}
+
+    def collect_failures(self, count: int, *, timeout: float = 30.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        topology = Topology.for_keys(self.keys)
+        with broker_connection(self.settings) as connection:
+            while len(self.failures) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"only {len(self.failures)} of {count} failures\n"
+                                         f"{self.worker_logs()}")
+                for failure in consume_failures(connection, topology, timeout=0.2,
+                                                idle_timeout=min(remaining, 2.0)):
+                    self.failures.append(failure)
+                    if len(self.failures) >= count:
+                        break
+        return self.failures
+
+    def assert_exactly_once(self, references: set[str]) -> Counter[str]:
+        """Each reference: one distinct outcome; confirmed ones once at Onebox; no seat twice."""
+        audit = self.sandbox.admin.audit()
+        statuses: Counter[str] = Counter()
+        for reference in references:
+            outcomes = self.results.get(reference, [])
+            assert outcomes, f"{reference} has no outcome"
+            assert len({o.result_id for o in outcomes}) == 1, f"{reference}: two outcomes"
+            assert len({o.status for o in outcomes}) == 1, f"{reference}: conflicting outcomes"
+            result = outcomes[0]
+            statuses[result.status] += 1
+            confirmed_codes = audit["confirmed"].get(reference, [])
+            if result.status == "confirmed":
+                assert confirmed_codes == [result.order_code], (reference, confirmed_codes)
+            else:
+                assert confirmed_codes == [], f"{reference} failed but Onebox confirmed it"
+                assert result.error is not None and result.error.code
+        assert audit["duplicates"] == {}
+        assert audit["seats_sold_twice"] == 0
+        return statuses

@@ -1,0 +1,206 @@
+"""End to end: real Redis, real worker processes, the sandbox over loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fulfilment.config import Settings
+from fulfilment.errors import InvalidMessageError
+from fulfilment.onebox import build_client
+from schemas.intent import Buyer, SeatRef
+from tasks import app as celery_app
+from tasks.app import configure
+from tests import services
+from tests.cluster import Cluster, env_for
+from tests.processes import SandboxProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cluster(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
+    # Short-lived baskets: an abandoned one lets go of its seats within seconds.
+    sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", "3")
+    settings = Settings.defaults().with_overrides(
+        onebox_api_url=sandbox.url, redis_url=redis_url, broker_url=redis_url, key_prefix=prefix,
+        retry_base_delay=0.05, retry_max_delay=0.5, retry_deadline=120, onebox_read_timeout=2.0,
+    )
+    configure(settings)  # this process is the producer
+    running = Cluster(settings, sandbox, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+        celery_app.close()
+
+
+def intent(reference: str, items: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"reference": reference, "items": items,
+            "buyer": {"email": f"{reference}@example.com", "phone": "+34 600 000 000"}, **extra}
+
+
+def numbered(*seat_ids: int, session: int = 1001) -> dict[str, Any]:
+    return {"seats": [{"id": seat, "session_id": session} for seat in seat_ids]}
+
+
+def auto(quantity: int, price_type: int = 3, session: int = 1002) -> dict[str, Any]:
+    return {"session_id": session, "price_type_id": price_type, "quantity": quantity}
+
+
+def submit_all(intents: list[dict[str, Any]]) -> set[str]:
+    from tasks import submit_many
+
+    submissions = list(submit_many(intents))
+    assert {s.status for s in submissions} == {"accepted"}, submissions
+    return {s.reference for s in submissions if s.reference}
+
+
+def test_intents_are_confirmed_once_with_the_sandbox_codes(cluster: Cluster) -> None:
+    # Given a worker and thirty intents, numbered and automatic
+    cluster.start_worker()
+    intents = [intent(f"e2e-{i}", [numbered(1000 + 2 * i, 1001 + 2 * i)] if i % 2 else [auto(2)],
+                      batch="e2e", metadata={"i": i}) for i in range(30)]
+    # When they are submitted
+    references = submit_all(intents)
+    results = cluster.collect(references)
+    # Then each is confirmed once, under the code Onebox holds for its reference
+    assert cluster.assert_exactly_once(references) == {"confirmed": 30}
+    audit = cluster.sandbox.admin.audit()
+    for reference, result in results.items():
+        assert audit["confirmed"][reference] == [result.order_code]
+        assert result.batch == "e2e" and result.order_id
+        assert result.metadata == {"i": int(reference.split("-")[1])}
+        assert result.submitted_at and result.finished_at and result.error is None
+
+
+def test_seat_already_sold_fails_and_releases_the_basket(cluster: Cluster,
+                                                         redis_client: redis.Redis) -> None:
+    # Given seat 5 already sold at the box office
+    client = build_client(cluster.settings, redis_client)
+    order = client.create_order()
+    client.add_seats(order.id, [SeatRef(id=5, session_id=1001)])
+    client.set_buyer(order.id, Buyer(email="box@example.com"))
+    client.pre_confirm(order.id)
+    client.confirm(order.id, "box-office")
+    client.close()
+    cluster.start_worker()
+    # When an intent wants seat 6 (free), automatic seats, and seat 5 (sold)
+    references = submit_all([intent("sold-1", [numbered(6), auto(2, price_type=4), numbered(5)])])
+    result = cluster.collect(references)["sold-1"]
+    # Then it fails with Onebox's reason and its basket's seats are free again
+    assert result.status == "failed"
+    assert result.error is not None
+    assert result.error.code == "ORDER_SEAT_NOT_AVAILABLE"
+    assert result.error.step == "seats" and result.error.trace_id
+    assert not result.error.retryable
+    inventory = cluster.sandbox.admin.inventory(1001)
+    assert inventory["seats"]["6"] == "FREE" and inventory["seats"]["5"] == "SOLD"
+    assert cluster.sandbox.admin.inventory(1002)["capacity"]["4"]["held"] == 0
+    cluster.assert_exactly_once(references)
+
+
+@pytest.mark.parametrize("fault", ["error_500", "error_503", "throttle_429", "lost_response"])
+def test_faults_on_every_step_still_confirm_each_intent_once(cluster: Cluster,
+                                                             fault: str) -> None:
+    # Given every endpoint failing its first calls in this way
+    steps = ["token", "create", "seats", "seats_auto", "buyer_data", "pre_confirm", "confirm"]
+    cluster.sandbox.admin.set_faults({"endpoints": {
+        step: {"script": [fault, "ok", fault], "retry_after": 0.1} for step in steps}})
+    cluster.start_worker()
+    # When ten intents go through
+    references = submit_all([intent(f"{fault}-{i}", [numbered(2000 + i), auto(1)])
+                             for i in range(10)])
+    cluster.collect(references)
+    # Then each is confirmed, once
+    assert cluster.assert_exactly_once(references) == {"confirmed": 10}
+    faults = cluster.sandbox.admin.audit()["faults"]
+    assert all(faults.get(step, {}).get(fault) for step in steps if step != "token"), faults
+
+
+def test_a_bad_intent_is_refused_and_nothing_is_enqueued(cluster: Cluster,
+                                                         redis_client: redis.Redis) -> None:
+    from tasks import submit
+
+    bad = intent("bad-1", [auto(0)])
+    with pytest.raises(InvalidMessageError) as caught:
+        submit(bad)
+    assert "items" in caught.value.errors
+    assert "quantity" in json.dumps(caught.value.errors)
+    # Nothing in the ledger, nothing on the task queue
+    assert not redis_client.keys(f"{cluster.settings.key_prefix}:ledger:bad-1")
+    queue_keys = redis_client.keys(f"{cluster.settings.key_prefix}:broker:*purchase*")
+    assert all(redis_client.llen(k) == 0 for k in queue_keys
+               if redis_client.type(k) == b"list")
+
+
+def test_duplicate_submission_is_taken_once(cluster: Cluster) -> None:
+    from tasks import submit
+
+    cluster.start_worker()
+    document = intent("dup-1", [auto(1)])
+    assert submit(document).status == "accepted"
+    assert submit(document).status == "duplicate"
+    with pytest.raises(Exception, match="different purchase"):
+        submit({**document, "items": [auto(2)]})
+    cluster.collect({"dup-1"})
+    cluster.assert_exactly_once({"dup-1"})
+
+
+def test_plain_json_on_the_redis_list_is_taken_in(cluster: Cluster,
+                                                  redis_client: redis.Redis) -> None:
+    # Given a worker running beat (which drains the intake list)
+    cluster.start_worker(beat=True)
+    # When a producer in any language pushes JSON intents, one of them bad
+    good = json.dumps(intent("list-1", [numbered(3001)]))
+    redis_client.lpush(cluster.keys.intake, good, '{"reference": "list-2", "items": []}')
+    # Then the good one is bought and the bad one goes to the failures queue with its reason
+    result = cluster.collect({"list-1"})["list-1"]
+    assert result.status == "confirmed"
+    failure = cluster.collect_failures(1)[0]
+    assert failure["reason"] == "invalid purchase intent"
+    assert "items" in failure["errors"]
+    assert redis_client.llen(cluster.keys.intake) == 0
+    assert redis_client.llen(cluster.keys.intake_processing) == 0
+
+
+def test_submit_and_results_commands(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_worker()
+    source = tmp_path / "intents.jsonl"
+    lines = [json.dumps(intent("cli-1", [auto(1)])), "not json",
+             json.dumps(intent("cli-2", [numbered(4001)])),
+             json.dumps(intent("cli-3", [auto(1)], buyer_extra=1))]
+    source.write_text("\n".join(lines) + "\n")
+    env = {**env_for(cluster.settings)}
+    done = subprocess.run([sys.executable, "-m", "tasks.commands", "submit", str(source)],
+                          capture_output=True, text=True, env={**services_env(), **env},
+                          timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "2 enqueued, 0 duplicates, 2 refused" in done.stdout
+    assert "line 2" in done.stderr and "line 4: cli-3: refused" in done.stderr
+    assert "buyer_extra" in done.stderr
+    out = tmp_path / "results.jsonl"
+    read = subprocess.run([sys.executable, "-m", "tasks.commands", "results", "--count", "2",
+                           "--idle-timeout", "60", "--jsonl", str(out)],
+                          capture_output=True, text=True, env={**services_env(), **env},
+                          timeout=90, check=False)
+    assert read.returncode == 0, read.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {row["reference"] for row in rows} == {"cli-1", "cli-2"}
+    assert all(row["status"] == "confirmed" for row in rows)
+
+
+def services_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("ONEBOX_", "FULFILMENT_"))}
+
+
+_ = services  # the Redis fixture comes from tests/services via conftest

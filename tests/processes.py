@@ -1,0 +1,105 @@
+"""Real processes for end-to-end tests: the sandbox server and Celery workers.
+
+Each is a child process on loopback with its output in a file of the test's
+temporary directory (shown when a test fails), stopped with SIGTERM and, if it
+will not go, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from fulfilment.sandbox import SandboxAdmin
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], *, timeout: float, what: str,
+             interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Child:
+    """A child process with its output going to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: Mapping[str, str]) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **env}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a Celery worker and its pool children)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.process.wait(10)
+        else:
+            self.kill(signal.SIGKILL)  # any orphaned pool children
+        self._log.close()
+
+
+class SandboxProcess(Child):
+    """``python -m fulfilment.sandbox`` on a free loopback port."""
+
+    def __init__(self, log_path: Path, *extra: str) -> None:
+        super().__init__([sys.executable, "-m", "fulfilment.sandbox", "--port", "0", *extra],
+                         log_path, {})
+        line = wait_for(self._listening, timeout=20, what="the sandbox to listen")
+        self.url = line.rsplit(" ", 1)[-1].strip()
+        self.admin = SandboxAdmin(self.url)
+
+    def _listening(self) -> str | None:
+        if not self.alive():
+            raise AssertionError(f"the sandbox exited:\n{self.output()}")
+        for line in self.output().splitlines():
+            if line.startswith("sandbox listening on "):
+                return line
+        return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.admin.close()
+        super().stop(timeout)
+
+
+def worker_args(queues: list[str], name: str, *, concurrency: int = 2, beat: bool = False,
+                schedule: Path | None = None) -> list[str]:
+    args = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
+            "-P", "prefork", "-c", str(concurrency), "-Q", ",".join(queues), "-n", name,
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if beat:
+        args += ["-B", "-s", str(schedule)]
+    return args

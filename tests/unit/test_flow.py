@@ -1,0 +1,350 @@
+"""The purchase flow as plain functions: fakeredis ledger, a scripted Onebox, no worker."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import fakeredis
+import pytest
+from kombu import Connection
+
+from fulfilment.config import Settings
+from fulfilment.errors import (
+    FulfilmentError,
+    OutcomeUnknownError,
+    PermanentError,
+    TransientError,
+)
+from fulfilment.flow import Proceed, RetryIn, Services, Stage, UnknownIntentError, advance
+from fulfilment.keys import Keys
+from fulfilment.lease import Leases
+from fulfilment.ledger import Admission, Ledger
+from fulfilment.results import ResultPublisher, consume_results
+from fulfilment.retry import RetryPolicy
+from fulfilment.topology import Topology
+from schemas.intent import AutoItem, Buyer, SeatRef, load_intent
+from schemas.onebox import Order, OrderItem
+from schemas.result import OrderResult
+
+NOW = 1_800_000_000.0
+
+
+@dataclass
+class FakeOnebox:
+    """Onebox as the flow sees it: orders in memory, and a script of failures per step."""
+
+    orders: dict[str, Order] = field(default_factory=dict)
+    failures: dict[str, list[FulfilmentError]] = field(default_factory=dict)
+    #: Steps whose call is done by the server although the client then raises.
+    done_then_raise: dict[str, list[FulfilmentError]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+    confirms: dict[str, int] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)
+    next_item: int = 1
+
+    def _step(self, step: str, action: Callable[[], Order]) -> Order:
+        self.calls.append(step)
+        if self.failures.get(step):
+            raise self.failures[step].pop(0)
+        order = action()
+        if self.done_then_raise.get(step):
+            raise self.done_then_raise[step].pop(0)
+        return order
+
+    def _update(self, order_id: str, **changes: Any) -> Order:
+        if order_id not in self.orders:
+            raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404)
+        order = replace(self.orders[order_id], **changes)
+        self.orders[order_id] = order
+        return order
+
+    def _items(self, order_id: str, count: int) -> tuple[OrderItem, ...]:
+        if order_id not in self.orders:
+            raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404)
+        items = tuple(OrderItem(id=self.next_item + i) for i in range(count))
+        self.next_item += count
+        return self.orders[order_id].items + items
+
+    def create_order(self) -> Order:
+        def act() -> Order:
+            order_id = f"{len(self.orders) + 1:032x}"
+            self.orders[order_id] = Order(id=order_id, status="BASKET",
+                                          expires_at=datetime.fromtimestamp(NOW + 600, UTC))
+            return self.orders[order_id]
+        return self._step("create", act)
+
+    def add_seats(self, order_id: str, seats: Sequence[SeatRef]) -> Order:
+        return self._step("seats", lambda: self._update(order_id,
+                                                        items=self._items(order_id, len(seats))))
+
+    def add_seats_auto(self, order_id: str, item: AutoItem) -> Order:
+        return self._step("seats_auto", lambda: self._update(
+            order_id, items=self._items(order_id, item.quantity)))
+
+    def set_buyer(self, order_id: str, buyer: Buyer) -> Order:
+        return self._step("buyer_data", lambda: self._update(order_id))
+
+    def pre_confirm(self, order_id: str, delivery_method: str | None = None) -> Order:
+        return self._step("pre_confirm", lambda: self._update(
+            order_id, status="PRE_CONFIRM", code=f"CODE{order_id[-6:]}"))
+
+    def confirm(self, order_id: str, external_code: str, payments: Any = None) -> Order:
+        def act() -> Order:
+            if self.orders[order_id].status != "PRE_CONFIRM":
+                raise PermanentError("not pre-confirmed", code="DIST0004", status=400)
+            self.confirms[external_code] = self.confirms.get(external_code, 0) + 1
+            return self._update(order_id, status="CONFIRM", external_code=external_code)
+        return self._step("confirm", act)
+
+    def release_seats(self, order_id: str, item_ids: Sequence[int]) -> Order:
+        def act() -> Order:
+            if order_id not in self.orders:
+                raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404)
+            self.released.extend(item_ids)
+            keep = tuple(i for i in self.orders[order_id].items if i.id not in item_ids)
+            return self._update(order_id, items=keep)
+        return self._step("release", act)
+
+    def get_order(self, code: str) -> Order:
+        def act() -> Order:
+            for order in self.orders.values():
+                if order.code == code:
+                    return order
+            raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404,
+                                 step="get_order")
+        return self._step("get_order", act)
+
+
+@dataclass
+class World:
+    services: Services
+    onebox: FakeOnebox
+    connection: Connection
+    clock: list[float]
+
+    def submit(self, reference: str = "ref-1", **overrides: Any) -> str:
+        document = {"reference": reference,
+                    "items": [{"seats": [{"id": 1, "session_id": 10}]},
+                              {"session_id": 20, "price_type_id": 3, "quantity": 2}],
+                    "buyer": {"email": "a@example.com"}, **overrides}
+        assert self.services.ledger.admit(load_intent(document)) is Admission.NEW
+        return reference
+
+    def run(self, reference: str, target: Stage = Stage.PUBLISHED, attempt: int = 1) -> Any:
+        return advance(self.services, reference, target, attempt)
+
+    def results(self) -> list[OrderResult]:
+        topology = Topology.for_keys(self.services.ledger._keys)
+        return list(consume_results(self.connection, topology, timeout=0.01, idle_timeout=0.05))
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    # The memory transport is shared by the whole process: a prefix per test.
+    prefix = f"unit-{uuid.uuid4().hex[:8]}"
+    settings = Settings.defaults().with_overrides(key_prefix=prefix)
+    client = fakeredis.FakeRedis()
+    keys = Keys(prefix)
+    clock = [NOW]
+    onebox = FakeOnebox()
+    with Connection("memory://localhost/", transport_options={"polling_interval": 0.01}) as conn:
+        services = Services(
+            settings=settings, client=onebox,  # type: ignore[arg-type]
+            ledger=Ledger(client, keys, 3600, 50, clock=lambda: clock[0]),
+            publisher=ResultPublisher(conn, Topology.for_keys(keys)),
+            leases=Leases(client, keys, 60),
+            policy=RetryPolicy(max_attempts=5, base=1.0, cap=8.0, deadline=900, jitter=False),
+            clock=lambda: clock[0],
+        )
+        yield World(services, onebox, conn, clock)
+
+
+def test_a_purchase_goes_through_and_publishes_one_confirmed_result(world: World) -> None:
+    reference = world.submit()
+    assert isinstance(world.run(reference), Proceed)
+    assert world.onebox.calls == ["create", "seats", "seats_auto", "buyer_data", "pre_confirm",
+                                  "confirm"]
+    [result] = world.results()
+    assert result.status == "confirmed" and result.order_code
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and entry.published
+    assert world.services.ledger.open_count() == 0
+
+
+def test_running_a_stage_again_does_nothing_twice(world: World) -> None:
+    reference = world.submit()
+    world.run(reference, Stage.BASKET)
+    world.run(reference, Stage.BASKET)
+    world.run(reference, Stage.PRE_CONFIRMED)
+    world.run(reference, Stage.FINISHED)
+    world.run(reference, Stage.FINISHED)
+    world.run(reference, Stage.PUBLISHED)
+    world.run(reference, Stage.PUBLISHED)
+    assert world.onebox.calls.count("create") == 1
+    assert world.onebox.calls.count("confirm") == 1
+    assert len(world.results()) == 1
+
+
+def test_transient_error_retries_from_the_item_it_stopped_on(world: World) -> None:
+    reference = world.submit()
+    world.onebox.failures["seats_auto"] = [TransientError("503", status=503, retry_after=4.0)]
+    decision = world.run(reference, Stage.BASKET)
+    assert decision == RetryIn(4.0, "TRANSIENT")
+    world.run(reference, Stage.BASKET, attempt=2)
+    assert world.onebox.calls == ["create", "seats", "seats_auto", "seats_auto", "buyer_data"]
+
+
+def test_backoff_doubles_and_gives_up_with_a_failed_result(world: World) -> None:
+    reference = world.submit()
+    delays = []
+    for attempt in range(1, 6):
+        world.onebox.failures["create"] = [TransientError("down", code="CONNECT_FAILED")]
+        decision = world.run(reference, attempt=attempt)
+        if isinstance(decision, RetryIn):
+            delays.append(decision.delay)
+    assert delays == [1.0, 2.0, 4.0, 8.0]
+    [result] = world.results()
+    assert result.status == "failed" and result.error is not None
+    assert result.error.code == "CONNECT_FAILED" and result.error.retryable
+
+
+def test_permanent_error_releases_seats_and_fails_without_retry(world: World) -> None:
+    reference = world.submit()
+    world.onebox.failures["seats_auto"] = [PermanentError("taken",
+                                                          code="ORDER_SEAT_NOT_AVAILABLE")]
+    assert isinstance(world.run(reference), Proceed)
+    assert world.onebox.released == [1]  # the numbered seat already in the basket
+    [result] = world.results()
+    assert result.error is not None and result.error.code == "ORDER_SEAT_NOT_AVAILABLE"
+    assert "confirm" not in world.onebox.calls
+
+
+def test_unknown_basket_call_lists_and_releases_the_basket_then_starts_anew(world: World) -> None:
+    reference = world.submit()
+    world.onebox.done_then_raise["seats_auto"] = [OutcomeUnknownError("lost",
+                                                                      code="CONNECTION_LOST")]
+    decision = world.run(reference)
+    assert isinstance(decision, RetryIn)
+    assert sorted(world.onebox.released) == [1, 2, 3]  # the unknown call's seats too
+    world.run(reference, attempt=2)
+    assert world.onebox.calls.count("create") == 2
+    assert world.results()[0].status == "confirmed"
+
+
+def test_unknown_basket_call_of_unknown_content_waits_for_the_basket_to_expire(
+        world: World) -> None:
+    reference = world.submit()
+    world.onebox.done_then_raise["seats"] = [OutcomeUnknownError("lost")]
+    world.onebox.failures["buyer_data"] = [OutcomeUnknownError("lost again")]
+    world.run(reference)
+    # The new basket finds the seat held (by our own abandoned basket, for all we know)
+    world.onebox.failures["seats"] = [PermanentError("held", code="ORDER_SEAT_NOT_AVAILABLE")]
+    decision = world.run(reference, attempt=2)
+    assert isinstance(decision, RetryIn) and decision.delay == pytest.approx(601.0)
+    world.clock[0] += 602
+    world.run(reference, attempt=3)
+    assert world.results()[0].status == "confirmed"
+
+
+def test_interrupted_seats_call_is_treated_as_unknown(world: World) -> None:
+    reference = world.submit()
+    world.run(reference, Stage.BASKET)
+    # A worker died between sending a seats call and recording its answer
+    world.services.ledger.record(reference, pending="seats", items_done=1)
+    decision = world.run(reference, Stage.BASKET)
+    assert isinstance(decision, RetryIn)
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and entry.order_id is None and entry.pending is None
+
+
+def test_lost_confirm_is_settled_by_reading_the_order(world: World) -> None:
+    reference = world.submit()
+    world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
+    assert isinstance(world.run(reference), RetryIn)
+    world.run(reference, attempt=2)
+    assert world.onebox.confirms == {reference: 1}
+    assert world.onebox.calls[-1] == "get_order"
+    assert world.results()[0].status == "confirmed"
+
+
+def test_confirm_that_never_happened_is_sent_again_after_reading(world: World) -> None:
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    world.run(reference, attempt=2)
+    assert world.onebox.calls[-2:] == ["get_order", "confirm"]
+    assert world.onebox.confirms == {reference: 1}
+
+
+def test_never_failed_while_a_confirm_may_have_happened(world: World) -> None:
+    reference = world.submit()
+    world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
+    world.run(reference)
+    # Onebox is unreachable now: giving up must not say "failed"
+    world.onebox.failures["get_order"] = [TransientError("down")] * 2
+    decision = world.run(reference, attempt=5)  # out of attempts
+    assert isinstance(decision, RetryIn) and decision.reason == "CONFIRM_UNSETTLED"
+    world.run(reference, attempt=6)
+    assert world.results()[0].status == "confirmed"
+
+
+def test_expired_basket_starts_a_new_one(world: World) -> None:
+    reference = world.submit()
+    world.run(reference, Stage.BASKET)
+    world.onebox.orders.clear()  # the basket expired at Onebox
+    assert isinstance(world.run(reference, Stage.PRE_CONFIRMED), RetryIn)
+    world.run(reference, attempt=2)
+    assert world.onebox.calls.count("create") == 2
+    assert world.results()[0].status == "confirmed"
+
+
+def test_deadline_bounds_retries_in_time(world: World) -> None:
+    reference = world.submit()
+    world.clock[0] += 899  # submitted long ago
+    world.onebox.failures["create"] = [TransientError("busy", retry_after=5.0)]
+    assert isinstance(world.run(reference), Proceed)
+    assert world.results()[0].status == "failed"
+
+
+def test_a_held_lease_makes_the_second_worker_wait(world: World) -> None:
+    reference = world.submit()
+    lease = world.services.leases.take(reference)
+    assert lease is not None
+    assert world.run(reference) == RetryIn(1.0, "another worker holds this intent")
+    assert world.onebox.calls == []
+    lease.release()
+    assert isinstance(world.run(reference), Proceed)
+
+
+def test_unknown_reference_is_refused(world: World) -> None:
+    with pytest.raises(UnknownIntentError):
+        world.run("never-admitted")
+
+
+def test_admission_tells_duplicates_and_conflicts(world: World) -> None:
+    reference = world.submit()
+    ledger = world.services.ledger
+    same = load_intent({"reference": reference,
+                        "items": [{"seats": [{"id": 1, "session_id": 10}]},
+                                  {"session_id": 20, "price_type_id": 3, "quantity": 2}],
+                        "buyer": {"email": "a@example.com"}})
+    assert ledger.admit(same) is Admission.DUPLICATE
+    other = load_intent({**{"reference": reference, "buyer": {"email": "a@example.com"}},
+                         "items": [{"session_id": 20, "price_type_id": 3, "quantity": 1}]})
+    assert ledger.admit(other) is Admission.CONFLICT
+
+
+def test_result_carries_reference_batch_metadata_and_times(world: World) -> None:
+    reference = world.submit(batch="b-1", metadata={"order": 7})
+    world.clock[0] += 3
+    world.run(reference)
+    [result] = world.results()
+    assert (result.reference, result.batch, dict(result.metadata)) == (reference, "b-1",
+                                                                       {"order": 7})
+    assert result.finished_at is not None and result.submitted_at is not None
+    assert result.finished_at - result.submitted_at >= timedelta(0)
+    assert result.attempts >= 1
