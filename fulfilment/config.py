@@ -130,13 +130,19 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds without progress after which the recovery sweep resumes an intent.",
             _positive_float),
     Setting("FULFILMENT_VISIBILITY_TIMEOUT", "visibility_timeout", "3600",
-            "Redis broker: seconds before an unacknowledged task is redelivered. Must "
-            "exceed the longest retry countdown.", _positive_int),
+            "Redis broker: seconds before an unacknowledged task is redelivered (a worker "
+            "died holding it). Must exceed the longest retry countdown plus the task time "
+            "limit.", _positive_int),
     Setting("FULFILMENT_TASK_SOFT_TIME_LIMIT", "task_soft_time_limit", "120",
             "Seconds a task may run before it is asked to stop.", _positive_int),
     Setting("FULFILMENT_TASK_TIME_LIMIT", "task_time_limit", "150",
             "Seconds after which a task's process is killed (and the task redelivered).",
             _positive_int),
+    Setting("FULFILMENT_SWEEP_INTERVAL", "sweep_interval", "30",
+            "Seconds between two recovery sweeps (celery beat).", _positive_float),
+    Setting("FULFILMENT_INTAKE_INTERVAL", "intake_interval", "1",
+            "Seconds between two drains of the Redis-list intake (celery beat).",
+            _positive_float),
 )
 
 
@@ -164,6 +170,8 @@ class Settings:
     visibility_timeout: int
     task_soft_time_limit: int
     task_time_limit: int
+    sweep_interval: float
+    intake_interval: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -183,10 +191,10 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field rules; raise ``ConfigError`` naming the settings involved."""
-        if self.visibility_timeout <= self.retry_max_delay + 300:
+        if self.visibility_timeout <= self.retry_max_delay + self.task_time_limit:
             raise ConfigError("FULFILMENT_VISIBILITY_TIMEOUT must exceed "
-                              "FULFILMENT_RETRY_MAX_DELAY plus the 300 s Retry-After cap, "
-                              "or a waiting retry is redelivered")
+                              "FULFILMENT_RETRY_MAX_DELAY plus FULFILMENT_TASK_TIME_LIMIT, "
+                              "or a task waiting out its retry is redelivered to another worker")
         if self.task_time_limit <= self.task_soft_time_limit:
             raise ConfigError("FULFILMENT_TASK_TIME_LIMIT must exceed "
                               "FULFILMENT_TASK_SOFT_TIME_LIMIT")

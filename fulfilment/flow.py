@@ -94,7 +94,11 @@ class Services:
 
 
 def advance(services: Services, reference: str, target: Stage, attempt: int = 1) -> Decision:
-    """Do what is owed for ``reference`` up to ``target``; see the module docstring."""
+    """Do what is owed for ``reference`` up to ``target``; see the module docstring.
+
+    ``attempt`` (the task's delivery count) is only for the logs: retry limits
+    count failures without progress in the ledger, not deliveries.
+    """
     entry = services.ledger.get(reference)
     if entry is None:
         raise UnknownIntentError(f"no ledger entry for reference {reference}")
@@ -106,31 +110,31 @@ def advance(services: Services, reference: str, target: Stage, attempt: int = 1)
             return RetryIn(1.0, "another worker holds this intent")
         try:
             entry = services.ledger.get(reference) or entry  # re-read under the lease
-            return _advance_leased(services, entry, target, attempt)
+            return _advance_leased(services, entry, target)
         finally:
             lease.release()
 
 
-def _advance_leased(services: Services, entry: Entry, target: Stage, attempt: int) -> Decision:
+def _advance_leased(services: Services, entry: Entry, target: Stage) -> Decision:
     services.ledger.count_attempt(entry.reference)
-    decision = _attempt(services, entry, target, attempt)
+    decision = _attempt(services, entry, target)
     if isinstance(decision, Proceed) and target >= Stage.PUBLISHED:
         _publish(services, entry.reference)
     return decision
 
 
-def _attempt(services: Services, entry: Entry, target: Stage, attempt: int) -> Decision:
+def _attempt(services: Services, entry: Entry, target: Stage) -> Decision:
     """Run the stages; turn each kind of failure into what happens next."""
     try:
         _run(services, entry, target)
     except OutcomeUnknownError as exc:
-        return _after_unknown(services, entry.reference, exc, attempt)
+        return _after_unknown(services, entry.reference, exc)
     except TransientError as exc:
-        return _after_transient(services, entry.reference, exc, attempt)
+        return _after_transient(services, entry.reference, exc)
     except PermanentError as exc:
-        if exc.code == ORDER_NOT_FOUND and exc.step != "get_order":
+        if exc.code == ORDER_NOT_FOUND:
             # The basket expired under us: nothing was bought, start a new one.
-            return _restart_basket(services, entry.reference, exc, attempt)
+            return _restart_basket(services, entry.reference, exc)
         orphan_left = _orphan_left(services, entry.reference)
         if exc.code == SEAT_NOT_AVAILABLE and orphan_left > 0:
             # Our own abandoned basket may hold the seat until it expires: wait for it.
@@ -138,7 +142,8 @@ def _attempt(services: Services, entry: Entry, target: Stage, attempt: int) -> D
             waiting = TransientError(exc.message, code=exc.code, status=exc.status,
                                      trace_id=exc.trace_id, step=exc.step,
                                      retry_after=orphan_left + 1.0)
-            return _retry_or_fail(services, entry.reference, waiting, attempt)
+            # Bounded by the deadline only: waiting is not trying again.
+            return _retry_or_fail(services, entry.reference, waiting, counts=False)
         return _fail(services, entry.reference, exc)
     return Proceed()
 
@@ -169,8 +174,9 @@ def _fill_basket(services: Services, entry: Entry) -> None:
         order_id = order.id
         ledger.record(reference, order_id=order_id, item_ids=[], items_done=0, buyer_set=False,
                       code=None, confirm_sent=False, baskets=entry.baskets + 1,
-                      basket_expires=_expiry(order))
-        log.info("basket %s opened", order_id)
+                      **_expiry(services, order))
+        with bound(order_id=order_id):
+            log.info("basket opened")
     items = entry.intent.items
     items_done = entry.items_done if entry.order_id else 0
     with bound(order_id=order_id):
@@ -182,12 +188,12 @@ def _fill_basket(services: Services, entry: Entry) -> None:
                 else:
                     order = client.add_seats_auto(order_id, item)
             ledger.record(reference, item_ids=_item_ids(order), items_done=index + 1, pending=None,
-                          basket_expires=_expiry(order))
+                          **_expiry(services, order), failures=0)
         if not (entry.buyer_set and entry.order_id):
             # Safe to repeat: buyer data is set, not added.
             with bound(step="buyer_data"):
                 client.set_buyer(order_id, entry.intent.buyer)
-            ledger.record(reference, buyer_set=True)
+            ledger.record(reference, buyer_set=True, failures=0)
 
 
 def _pre_confirm(services: Services, reference: str) -> None:
@@ -201,7 +207,8 @@ def _pre_confirm(services: Services, reference: str) -> None:
         if not order.code:
             raise OutcomeUnknownError("pre-confirm answered without an order code",
                                       code="MALFORMED_RESPONSE", step="pre_confirm")
-        services.ledger.record(reference, code=order.code, item_ids=_item_ids(order), pending=None)
+        services.ledger.record(reference, code=order.code, item_ids=_item_ids(order), pending=None,
+                               failures=0, **_expiry(services, order))
         log.info("order pre-confirmed, code %s", order.code)
 
 
@@ -212,7 +219,11 @@ def _confirm(services: Services, reference: str) -> None:
     with bound(step="confirm", order_id=entry.order_id):
         if entry.confirm_sent:
             # A confirm may have been done: ask Onebox before sending another.
-            order = client.get_order(entry.code)
+            found = _settle(services, entry)
+            if found is None:
+                raise PermanentError("the order expired unconfirmed", code=ORDER_NOT_FOUND,
+                                     step="confirm")
+            order = found
             log.info("reconciled order %s: %s", entry.code, order.status)
             if order.status == "CONFIRM":
                 _finish_confirmed(services, entry, order)
@@ -227,6 +238,26 @@ def _confirm(services: Services, reference: str) -> None:
         ledger.record(reference, confirm_sent=True)  # before the call, never after
         order = client.confirm(entry.order_id, reference, entry.intent.payments)
         _finish_confirmed(services, entry, order)
+
+
+def _settle(services: Services, entry: Entry) -> Order | None:
+    """The order a confirm may have reached, read by its code; None if it is gone.
+
+    A confirmed order is kept for good, so an order that cannot be found once
+    its basket's expiry has passed was never confirmed. Before that, "not
+    found" may only mean the orders-management API has not caught up yet.
+    """
+    assert entry.code is not None
+    try:
+        return services.client.get_order(entry.code)
+    except PermanentError as exc:
+        if exc.code != ORDER_NOT_FOUND:
+            raise
+        expired = entry.basket_expires is not None and services.clock() > entry.basket_expires
+        if expired:
+            return None
+        raise TransientError("order not found by its code yet", code=ORDER_NOT_FOUND,
+                             step="get_order") from exc
 
 
 def _finish_confirmed(services: Services, entry: Entry, order: Order) -> None:
@@ -247,41 +278,47 @@ def _publish(services: Services, reference: str) -> None:
 
 
 # --- when things go wrong --------------------------------------------------------
-def _after_unknown(services: Services, reference: str, exc: OutcomeUnknownError,
-                   attempt: int) -> Decision:
+def _after_unknown(services: Services, reference: str, exc: OutcomeUnknownError) -> Decision:
     entry = _reread(services, reference)
     if entry.confirm_sent:
         # The next attempt reads the order by code first; it cannot double-confirm.
-        return _retry_or_fail(services, reference, exc, attempt)
+        return _retry_or_fail(services, reference, exc)
     log.warning("basket call's outcome unknown (%s): abandoning basket", exc.code)
-    return _restart_basket(services, reference, exc, attempt)
+    return _restart_basket(services, reference, exc)
 
 
-def _after_transient(services: Services, reference: str, exc: TransientError,
-                     attempt: int) -> Decision:
+def _after_transient(services: Services, reference: str, exc: TransientError) -> Decision:
     log.warning("transient failure: %s", exc)
-    return _retry_or_fail(services, reference, exc, attempt)
+    return _retry_or_fail(services, reference, exc)
 
 
-def _restart_basket(services: Services, reference: str, exc: FulfilmentError,
-                    attempt: int) -> Decision:
+def _restart_basket(services: Services, reference: str, exc: FulfilmentError) -> Decision:
     entry = _reread(services, reference)
     if entry.baskets >= services.policy.max_attempts:
         return _fail(services, reference, exc)
-    released_all = _release(services, entry, probe=isinstance(exc, OutcomeUnknownError))
-    orphan = {} if released_all else {
-        "orphan_expires": entry.basket_expires or services.clock() + DEFAULT_BASKET_TTL}
+    # Only a seats call adds items we may not know of; a lost pre-confirm adds none.
+    unknown_items = isinstance(exc, OutcomeUnknownError) and exc.step in {"seats", "seats_auto"}
+    released_all = _release(services, entry, probe=unknown_items)
+    # Every call naming the basket (our release attempt too) restarts its timer.
+    ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
+    orphan = {} if released_all else {"orphan_expires": services.clock() + ttl + 1.0}
     services.ledger.record(reference, order_id=None, item_ids=[], items_done=0, buyer_set=False,
                            code=None, confirm_sent=False, pending=None, **orphan)
-    return _retry_or_fail(services, reference, exc, attempt)
+    return _retry_or_fail(services, reference, exc)
 
 
-def _retry_or_fail(services: Services, reference: str, exc: FulfilmentError,
-                   attempt: int) -> Decision:
+def _retry_or_fail(services: Services, reference: str, exc: FulfilmentError, *,
+                   counts: bool = True) -> Decision:
+    """Retry after a backoff, unless failures without progress or time ran out.
+
+    Failures are counted in the ledger and reset by progress, so waiting for a
+    lease or a redelivery does not use up an intent's attempts.
+    """
     entry = _reread(services, reference)
-    delay = services.policy.delay(attempt, exc.retry_after)
+    failures = services.ledger.count_failure(reference) if counts else 1
+    delay = services.policy.delay(failures, exc.retry_after)
     elapsed = services.clock() - entry.submitted_at.timestamp()
-    if services.policy.gives_up(attempt, elapsed, delay):
+    if services.policy.gives_up(failures if counts else 0, elapsed, delay):
         return _fail(services, reference, exc)
     return RetryIn(delay, exc.code)
 
@@ -291,12 +328,12 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
     entry = _reread(services, reference)
     if entry.confirm_sent and entry.code:
         try:
-            order = services.client.get_order(entry.code)
+            order = _settle(services, entry)
         except FulfilmentError as check:
             # We cannot tell whether it was bought: keep asking, never guess "failed".
             log.warning("cannot settle an uncertain confirm yet: %s", check)
             return RetryIn(services.policy.cap, "CONFIRM_UNSETTLED")
-        if order.status == "CONFIRM":
+        if order is not None and order.status == "CONFIRM":
             _finish_confirmed(services, entry, order)
             return Proceed()
     _release(services, entry)
@@ -367,8 +404,12 @@ def _orphan_left(services: Services, reference: str) -> float:
     return max(orphan - services.clock(), 0.0) if orphan else 0.0
 
 
-def _expiry(order: Order) -> float | None:
-    return order.expires_at.timestamp() if order.expires_at else None
+def _expiry(services: Services, order: Order) -> dict[str, float]:
+    """When the basket expires if left alone, and its time to live, as Onebox reports."""
+    if order.expires_at is None:
+        return {}
+    expires = order.expires_at.timestamp()
+    return {"basket_expires": expires, "basket_ttl": max(expires - services.clock(), 0.0)}
 
 
 def _item_ids(order: Order) -> list[int]:

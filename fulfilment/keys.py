@@ -50,6 +50,11 @@ class Keys:
         return f"{self.prefix}.purchase"
 
     @property
+    def continue_queue(self) -> str:
+        """Purchases under way (pre-confirm, confirm, publish), apart from new ones."""
+        return f"{self.prefix}.purchase.continue"
+
+    @property
     def maintenance_queue(self) -> str:
         return f"{self.prefix}.maintenance"
 

@@ -9,8 +9,8 @@ record of what is owed: the recovery sweep walks ``open_intents``.
 One Redis hash per intent. Fields: ``intent`` (the payload, JSON),
 ``fingerprint``, ``submitted_at``, ``order_id``, ``item_ids`` (JSON list),
 ``items_done``, ``pending`` (a basket call sent but not yet recorded),
-``buyer_set``, ``code``, ``confirm_sent``, ``baskets``, ``basket_expires`` and
-``orphan_expires``
+``buyer_set``, ``code``, ``confirm_sent``, ``baskets``, ``basket_expires``,
+``basket_ttl`` and ``orphan_expires``
 (when an abandoned basket of unknown contents lets go of its seats),
 ``attempts``, ``outcome`` (the result, JSON, written once), ``published``,
 ``updated_at``.
@@ -85,6 +85,7 @@ class Entry:
     confirm_sent: bool
     baskets: int
     basket_expires: float | None
+    basket_ttl: float | None
     orphan_expires: float | None
     attempts: int
     outcome: OrderResult | None
@@ -136,6 +137,10 @@ class Ledger:
             pipe.zadd(self._keys.open_intents, {reference: now}, xx=True)
             pipe.execute()
 
+    def count_failure(self, reference: str) -> int:
+        """One more failure without progress (progress writes ``failures=0``); the count."""
+        return int(self.redis.hincrby(self._keys.ledger(reference), "failures", 1))
+
     def count_attempt(self, reference: str) -> int:
         """One more step attempt for this intent; returns the total so far."""
         return int(self.redis.hincrby(self._keys.ledger(reference), "attempts", 1))
@@ -184,6 +189,7 @@ class Ledger:
             confirm_sent=fields.get("confirm_sent") == "1",
             baskets=int(fields.get("baskets", 0)),
             basket_expires=_float(fields.get("basket_expires")),
+            basket_ttl=_float(fields.get("basket_ttl")),
             orphan_expires=_float(fields.get("orphan_expires")),
             attempts=int(fields.get("attempts", 0)),
             outcome=load_result(outcome) if outcome else None,

@@ -31,8 +31,9 @@ class RetryPolicy:
         ceiling = min(self.cap, self.base * 2 ** max(attempt - 1, 0))
         backoff = random.uniform(0, ceiling) if self.jitter else ceiling
         if retry_after is not None:
-            # The server's word is a floor; a little jitter spreads the herd.
-            return retry_after + (random.uniform(0, min(1.0, ceiling)) if self.jitter else 0.0)
+            # The server's word is a floor (up to our cap); a little jitter spreads the herd.
+            spread = random.uniform(0, min(1.0, ceiling)) if self.jitter else 0.0
+            return min(retry_after, self.cap) + spread
         return backoff
 
     def gives_up(self, attempt: int, elapsed: float, next_delay: float) -> bool:

@@ -27,6 +27,7 @@ class Topology:
     failures_exchange: Exchange
     failures_queue: Queue
     task_queue: Queue
+    continue_queue: Queue
     maintenance_queue: Queue
 
     @classmethod
@@ -41,6 +42,8 @@ class Topology:
                                  durable=True),
             task_queue=Queue(keys.task_queue, Exchange(keys.task_queue, type="direct"),
                              routing_key=keys.task_queue, durable=True),
+            continue_queue=Queue(keys.continue_queue, Exchange(keys.continue_queue, type="direct"),
+                                 routing_key=keys.continue_queue, durable=True),
             maintenance_queue=Queue(keys.maintenance_queue,
                                     Exchange(keys.maintenance_queue, type="direct"),
                                     routing_key=keys.maintenance_queue, durable=True),

@@ -46,7 +46,13 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     url = settings.effective_broker_url
     if url.startswith("memory://"):
         return {"polling_interval": 0.005}
-    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    options: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout,
+        # Look for messages of dead workers a tenth of the timeout apart (kombu's
+        # default scans every 100 s, too seldom for a short timeout).
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+        "unacked_restore_throttle": 1,
+    }
     if url.startswith(("redis://", "rediss://")):
         # Every broker key under the deployment's prefix too: one Redis, many deployments.
         options["global_keyprefix"] = f"{settings.key_prefix}:broker:"

@@ -22,9 +22,6 @@ from fulfilment.logcontext import configure_logging
 from fulfilment.topology import Topology
 from fulfilment.wiring import transport_options
 
-SWEEP_INTERVAL = 30.0
-INTAKE_INTERVAL = 1.0
-
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     keys = Keys(settings.key_prefix)
@@ -44,17 +41,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
-        "task_queues": [topology.task_queue, topology.maintenance_queue],
+        # Purchases under way have a queue of their own, so a backlog of new
+        # intents cannot hold an open basket back until it expires.
+        "task_queues": [topology.continue_queue, topology.task_queue, topology.maintenance_queue],
         "task_default_queue": keys.task_queue,
         "task_default_exchange": keys.task_queue,
         "task_default_routing_key": keys.task_queue,
-        "task_routes": {"fulfilment.maintenance.*": {"queue": keys.maintenance_queue,
-                                                     "routing_key": keys.maintenance_queue}},
+        "task_routes": {
+            "fulfilment.maintenance.*": {"queue": keys.maintenance_queue,
+                                         "routing_key": keys.maintenance_queue},
+            **{f"fulfilment.{name}": {"queue": keys.continue_queue,
+                                      "routing_key": keys.continue_queue}
+               for name in ("pre_confirm", "confirm", "publish")},
+        },
         "beat_schedule": {
             "recovery-sweep": {"task": "fulfilment.maintenance.sweep",
-                               "schedule": SWEEP_INTERVAL},
+                               "schedule": settings.sweep_interval},
             "intake-drain": {"task": "fulfilment.maintenance.drain_intake",
-                             "schedule": INTAKE_INTERVAL},
+                             "schedule": settings.intake_interval},
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,

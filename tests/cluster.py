@@ -42,7 +42,8 @@ class Cluster:
 
     def start_worker(self, *, concurrency: int = 2, beat: bool = False) -> Child:
         name = f"w{len(self.workers)}-{self.settings.key_prefix}@%h"
-        args = worker_args([self.keys.task_queue, self.keys.maintenance_queue], name,
+        args = worker_args([self.keys.continue_queue, self.keys.task_queue,
+                            self.keys.maintenance_queue], name,
                            concurrency=concurrency, beat=beat,
                            schedule=self.tmp / f"beat-{len(self.workers)}")
         worker = Child(args, self.tmp / f"worker-{len(self.workers)}.log", env_for(self.settings))

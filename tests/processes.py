@@ -103,3 +103,52 @@ def worker_args(queues: list[str], name: str, *, concurrency: int = 2, beat: boo
     if beat:
         args += ["-B", "-s", str(schedule)]
     return args
+
+
+class RedisServer(Child):
+    """A redis-server of the test's own on a spare port, persisting as production should.
+
+    Append-only file with an fsync every second, as the README tells production
+    to run: the chaos tests restart it and check that nothing is lost.
+    """
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.port = port
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._start_count = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._start_count += 1
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.directory), "--appendonly", "yes",
+                "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction"]
+        super().__init__(args, self.directory / f"redis-{self._start_count}.log", {})
+        wait_for(self._ping, timeout=20, what="redis-server to answer")
+
+    def _ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            if not self.alive():
+                raise AssertionError(f"redis-server exited:\n{self.output()}") from None
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def restart(self) -> None:
+        """Stop it (it writes its append-only file on the way out) and start it again."""
+        super().stop()
+        self._spawn()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (a Celery worker's pool processes)."""
+    done = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                          text=True, check=False)
+    return [int(line) for line in done.stdout.split()]

@@ -79,6 +79,31 @@ def test_intents_are_confirmed_once_with_the_sandbox_codes(cluster: Cluster) -> 
         assert result.batch == "e2e" and result.order_id
         assert result.metadata == {"i": int(reference.split("-")[1])}
         assert result.submitted_at and result.finished_at and result.error is None
+    # And the worker's log names each intent, never its buyer or the credentials
+    logs = "".join(worker.output() for worker in cluster.workers)
+    assert "ref=e2e-3 " in logs and "step=confirm" in logs
+    for secret in ("@example.com", "600 000 000", cluster.settings.onebox_api_key):
+        assert secret not in logs
+
+
+def test_the_sweep_resumes_an_intent_whose_message_was_lost(cluster: Cluster,
+                                                            redis_client: redis.Redis) -> None:
+    # Given an intent admitted to the ledger whose task never reached the broker
+    # (its producer died in between), and a worker
+    from fulfilment.wiring import build_ledger
+    from schemas.intent import load_intent
+
+    ledger = build_ledger(cluster.settings, redis_client)
+    ledger.admit(load_intent(intent("orphan-1", [auto(1)])))
+    cluster.start_worker()
+    # When the sweep runs with a zero stuck-after
+    env = {**services_env(), **env_for(cluster.settings), "FULFILMENT_STUCK_AFTER": "0.001"}
+    done = subprocess.run([sys.executable, "-m", "tasks.commands", "sweep"], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"resumed": ["orphan-1"]}
+    # Then the intent is bought
+    assert cluster.collect({"orphan-1"})["orphan-1"].status == "confirmed"
 
 
 def test_seat_already_sold_fails_and_releases_the_basket(cluster: Cluster,

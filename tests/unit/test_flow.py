@@ -225,8 +225,8 @@ def test_permanent_error_releases_seats_and_fails_without_retry(world: World) ->
 
 def test_unknown_basket_call_lists_and_releases_the_basket_then_starts_anew(world: World) -> None:
     reference = world.submit()
-    world.onebox.done_then_raise["seats_auto"] = [OutcomeUnknownError("lost",
-                                                                      code="CONNECTION_LOST")]
+    world.onebox.done_then_raise["seats_auto"] = [
+        OutcomeUnknownError("lost", code="CONNECTION_LOST", step="seats_auto")]
     decision = world.run(reference)
     assert isinstance(decision, RetryIn)
     assert sorted(world.onebox.released) == [1, 2, 3]  # the unknown call's seats too
@@ -238,13 +238,13 @@ def test_unknown_basket_call_lists_and_releases_the_basket_then_starts_anew(worl
 def test_unknown_basket_call_of_unknown_content_waits_for_the_basket_to_expire(
         world: World) -> None:
     reference = world.submit()
-    world.onebox.done_then_raise["seats"] = [OutcomeUnknownError("lost")]
+    world.onebox.done_then_raise["seats"] = [OutcomeUnknownError("lost", step="seats")]
     world.onebox.failures["buyer_data"] = [OutcomeUnknownError("lost again")]
     world.run(reference)
     # The new basket finds the seat held (by our own abandoned basket, for all we know)
     world.onebox.failures["seats"] = [PermanentError("held", code="ORDER_SEAT_NOT_AVAILABLE")]
     decision = world.run(reference, attempt=2)
-    assert isinstance(decision, RetryIn) and decision.delay == pytest.approx(601.0)
+    assert isinstance(decision, RetryIn) and decision.delay == 8.0  # capped
     world.clock[0] += 602
     world.run(reference, attempt=3)
     assert world.results()[0].status == "confirmed"
@@ -284,11 +284,27 @@ def test_never_failed_while_a_confirm_may_have_happened(world: World) -> None:
     reference = world.submit()
     world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
     world.run(reference)
-    # Onebox is unreachable now: giving up must not say "failed"
-    world.onebox.failures["get_order"] = [TransientError("down")] * 2
-    decision = world.run(reference, attempt=5)  # out of attempts
-    assert isinstance(decision, RetryIn) and decision.reason == "CONFIRM_UNSETTLED"
-    world.run(reference, attempt=6)
+    # Onebox is unreachable now: running out of attempts must not say "failed"
+    world.onebox.failures["get_order"] = [TransientError("down")] * 20
+    reasons = [world.run(reference) for _ in range(5)]
+    assert all(isinstance(r, RetryIn) for r in reasons)
+    assert reasons[-1].reason == "CONFIRM_UNSETTLED"
+    world.onebox.failures["get_order"].clear()
+    world.run(reference)
+    assert world.results()[0].status == "confirmed"
+    assert world.onebox.confirms == {reference: 1}
+
+
+def test_waiting_for_a_lease_does_not_use_up_attempts(world: World) -> None:
+    reference = world.submit()
+    lease = world.services.leases.take(reference)
+    assert lease is not None
+    for _ in range(10):
+        assert isinstance(world.run(reference), RetryIn)
+    lease.release()
+    world.onebox.failures["create"] = [TransientError("blip")]
+    assert isinstance(world.run(reference), RetryIn)  # the first failure, not the eleventh
+    assert isinstance(world.run(reference), Proceed)
     assert world.results()[0].status == "confirmed"
 
 

@@ -1,0 +1,254 @@
+"""Exactly once, whatever fails: real Redis, real worker processes, the sandbox.
+
+Each scenario runs at least 500 intents (FULFILMENT_CHAOS_INTENTS) through a
+deployment of its own (a redis-server with the append-only file on, as the
+README tells production to run it; the sandbox; Celery workers as processes)
+while something breaks, then checks from the sandbox's audit and the results
+queue that every reference ends confirmed exactly once or failed with a
+reason, that no seat is sold twice and that no reference is without outcome.
+Set FULFILMENT_CHAOS_REPORT to a file to have each scenario's counts appended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fulfilment.config import Settings
+from fulfilment.onebox import build_client
+from fulfilment.wiring import redis_client
+from schemas.intent import Buyer, SeatRef
+from tasks import app as celery_app
+from tasks.app import configure
+from tests.cluster import Cluster, env_for
+from tests.processes import RedisServer, SandboxProcess, child_pids, wait_for
+from tests.services import free_port, require, unique_prefix
+
+pytestmark = pytest.mark.integration
+
+INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_INTENTS", "500")), 1)
+#: One intent in this many asks for a recital seat the box office sold first.
+BOUND_TO_FAIL_EVERY = 50
+SOLD_SEATS = (1, 2, 3, 4)
+
+
+@pytest.fixture
+def chaos(tmp_path: Path) -> Iterator[Cluster]:
+    require("redis-server", subprocess.run(["which", "redis-server"], capture_output=True,
+                                           check=False).returncode == 0)
+    server = RedisServer(tmp_path / "redis", free_port())
+    sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", "20", "--seed", "7")
+    settings = Settings.defaults().with_overrides(
+        onebox_api_url=sandbox.url, redis_url=server.url, broker_url=server.url,
+        key_prefix=unique_prefix("chaos"), onebox_read_timeout=2.0,
+        retry_base_delay=0.05, retry_max_delay=1.0, retry_deadline=600, retry_max_attempts=12,
+        visibility_timeout=20, task_soft_time_limit=8, task_time_limit=10,
+        stuck_after=20, sweep_interval=5,
+    )
+    configure(settings)
+    cluster = Cluster(settings, sandbox, tmp_path)
+    cluster.redis_server = server  # type: ignore[attr-defined]
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        server.stop()
+        celery_app.close()
+
+
+def intents(tag: str, count: int = INTENTS) -> list[dict[str, Any]]:
+    documents = []
+    for i in range(count):
+        items: list[dict[str, Any]] = (
+            [{"seats": [{"id": 1 + i, "session_id": 1001}]}] if i % 2 == 0
+            else [{"session_id": 1002, "price_type_id": 3, "quantity": 1 + i % 3}])
+        if i % BOUND_TO_FAIL_EVERY == BOUND_TO_FAIL_EVERY - 1:
+            items.append({"seats": [{"id": SOLD_SEATS[i % 4], "session_id": 1003}]})
+        documents.append({"reference": f"{tag}-{i:05d}", "items": items, "batch": tag,
+                          "buyer": {"email": f"b{i}@example.com", "phone": "+34 600 000 000"}})
+    return documents
+
+
+def expected_failures(documents: list[dict[str, Any]]) -> set[str]:
+    return {d["reference"] for d in documents if len(d["items"]) > 1}
+
+
+def sell_recital_front_row(cluster: Cluster) -> None:
+    client = build_client(cluster.settings, redis_client(cluster.settings))
+    try:
+        order = client.create_order()
+        client.add_seats(order.id, [SeatRef(id=s, session_id=1003) for s in SOLD_SEATS])
+        client.set_buyer(order.id, Buyer(email="box@example.com"))
+        client.pre_confirm(order.id)
+        client.confirm(order.id, "box-office")
+    finally:
+        client.close()
+
+
+def submit(documents: list[dict[str, Any]]) -> set[str]:
+    from tasks import submit_many
+
+    submissions = list(submit_many(documents))
+    assert {s.status for s in submissions} == {"accepted"}
+    return {d["reference"] for d in documents}
+
+
+def verify(cluster: Cluster, scenario: str, documents: list[dict[str, Any]],
+           submitted: int) -> dict[str, int]:
+    references = {d["reference"] for d in documents}
+    cluster.collect(references, timeout=300)
+    statuses = cluster.assert_exactly_once(references)
+    bound_to_fail = expected_failures(documents)
+    for reference in references:
+        result = cluster.results[reference][0]
+        if reference in bound_to_fail:
+            assert result.status == "failed", reference
+            assert result.error is not None
+            assert result.error.code == "ORDER_SEAT_NOT_AVAILABLE", result.error
+        else:
+            assert result.status == "confirmed", (reference, result.error)
+    deliveries = sum(len(v) for k, v in cluster.results.items() if k in references)
+    counts = {"submitted": submitted, "intents": len(references),
+              "confirmed": statuses["confirmed"], "failed": statuses["failed"],
+              "duplicate_orders": len(cluster.sandbox.admin.audit()["duplicates"]),
+              "seats_sold_twice": cluster.sandbox.admin.audit()["seats_sold_twice"],
+              "lost": len(references - cluster.results.keys()),
+              "redelivered_results": deliveries - len(references)}
+    print(f"\nchaos {scenario}: {json.dumps(counts)}")
+    report = os.environ.get("FULFILMENT_CHAOS_REPORT")
+    if report:
+        with Path(report).open("a") as out:
+            out.write(json.dumps({"scenario": scenario, **counts}) + "\n")
+    return counts
+
+
+def progress(cluster: Cluster) -> int:
+    """How many intents have an outcome in the ledger so far."""
+    client = redis_client(cluster.settings)
+    try:
+        return sum(1 for key in client.scan_iter(f"{cluster.settings.key_prefix}:ledger:*-*",
+                                                 count=1000)
+                   if client.hexists(key, "outcome"))
+    finally:
+        client.close()
+
+
+def test_worker_processes_killed_with_sigkill(chaos: Cluster) -> None:
+    # Given two workers and the intents on their way
+    sell_recital_front_row(chaos)
+    chaos.start_worker(concurrency=2)
+    chaos.start_worker(concurrency=2)
+    documents = intents("kill")
+    submit(documents)
+    # When pool processes and whole workers are killed with SIGKILL as they work
+    rng = random.Random(1)
+    for round_ in range(6):
+        target = len(documents) * (round_ + 1) // 8
+        wait_for(lambda t=target: progress(chaos) >= t, timeout=120,
+                 what=f"{target} outcomes")
+        victim = chaos.workers[rng.randrange(len(chaos.workers))]
+        if round_ % 2 == 0:
+            for pid in child_pids(victim.pid):
+                os.kill(pid, signal.SIGKILL)  # its pool processes: the task is redelivered
+        else:
+            victim.kill(signal.SIGKILL)  # the whole worker: its messages come back later
+            chaos.workers.remove(victim)
+            victim.stop()
+            chaos.start_worker(concurrency=2)
+    # Then every intent has one outcome, no order twice, no seat twice
+    verify(chaos, "worker SIGKILL x6", documents, len(documents))
+
+
+def test_redis_restarted_mid_run(chaos: Cluster) -> None:
+    sell_recital_front_row(chaos)
+    chaos.start_worker(concurrency=3)
+    documents = intents("redis")
+    submit(documents)
+    server: RedisServer = chaos.redis_server  # type: ignore[attr-defined]
+    for fraction in (3, 2):
+        target = len(documents) // fraction
+        wait_for(lambda t=target: progress(chaos) >= t, timeout=120, what=f"{target} outcomes")
+        server.restart()
+    verify(chaos, "Redis restarted x2 (append-only file)", documents, len(documents))
+
+
+def test_onebox_failing_every_way_on_every_step(chaos: Cluster) -> None:
+    sell_recital_front_row(chaos)
+    every_way = {"error_500": 0.04, "error_503": 0.03, "throttle_429": 0.04, "retry_after": 0.2,
+                 "lost_response": 0.04, "slow_after": 0.02, "slow_after_ms": 2500,
+                 "latency_ms": 2, "latency_jitter_ms": 20}
+    chaos.sandbox.admin.set_faults({"seed": 11, "endpoints": {"*": every_way}})
+    chaos.start_worker(concurrency=4)
+    documents = intents("faults")
+    submit(documents)
+    counts = verify(chaos, "Onebox 500/503/429/slow/lost on every step", documents,
+                    len(documents))
+    faults = chaos.sandbox.admin.audit()["faults"]
+    for step in ("create", "seats", "seats_auto", "buyer_data", "pre_confirm", "confirm"):
+        assert faults.get(step, {}).get("lost_response"), (step, faults)
+    assert counts["lost"] == 0
+
+
+def test_every_intent_submitted_three_times_by_concurrent_producers(chaos: Cluster,
+                                                                    tmp_path: Path) -> None:
+    sell_recital_front_row(chaos)
+    chaos.start_worker(concurrency=3)
+    documents = intents("triple")
+    files = []
+    for producer in range(3):
+        shuffled = documents[:]
+        random.Random(producer).shuffle(shuffled)
+        path = tmp_path / f"producer-{producer}.jsonl"
+        path.write_text("".join(json.dumps(d) + "\n" for d in shuffled))
+        files.append(path)
+    env = {**os.environ, **env_for(chaos.settings)}
+    producers = [subprocess.Popen([sys.executable, "-m", "tasks.commands", "submit", "--quiet",
+                                   str(path)], stdout=subprocess.PIPE, text=True, env=env)
+                 for path in files]
+    outputs = [p.communicate(timeout=300)[0] for p in producers]
+    enqueued = sum(int(out.strip().splitlines()[-1].split()[0]) for out in outputs)
+    assert enqueued == len(documents), outputs
+    verify(chaos, "each intent submitted 3x by 3 producers at once", documents,
+           3 * len(documents))
+
+
+def test_two_workers_and_the_recovery_sweep_together(chaos: Cluster) -> None:
+    sell_recital_front_row(chaos)
+    # Given two workers, one running beat with a sweep every 5 s
+    chaos.start_worker(concurrency=2, beat=True)
+    chaos.start_worker(concurrency=2)
+    documents = intents("sweep")
+    submit(documents)
+    # And part of the work lost from the broker: tasks deleted off the queue,
+    # as a broker that lost messages would
+    client = redis_client(chaos.settings)
+    lost_tasks = threading.Event()
+
+    def drop_queued_tasks() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not lost_tasks.is_set():
+            for key in client.scan_iter(f"{chaos.settings.key_prefix}:broker:*purchase*"):
+                if client.type(key) == b"list" and client.llen(key) > 20:
+                    client.ltrim(key, 0, -11)  # the 10 oldest messages vanish
+                    lost_tasks.set()
+            time.sleep(0.05)
+
+    dropper = threading.Thread(target=drop_queued_tasks)
+    dropper.start()
+    dropper.join()
+    client.close()
+    assert lost_tasks.is_set(), "nothing was queued long enough to lose"
+    # Then the sweep resumes what the broker lost, and nothing is bought twice
+    verify(chaos, "2 workers + recovery sweep, 10 tasks lost by the broker", documents,
+           len(documents))
