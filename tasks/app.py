@@ -81,9 +81,9 @@ app.conf.update(celery_config(Settings.from_env()))
 
 
 @setup_logging.connect
-def _setup_logging(**_: Any) -> None:
+def _setup_logging(loglevel: str | int | None = None, **_: Any) -> None:
     # Our format carries reference, order id, step and attempt; Celery keeps its hands off.
-    configure_logging()
+    configure_logging(loglevel or "INFO")
 
 
 @worker_process_init.connect
