@@ -1,0 +1,145 @@
+"""What does a purchase cost the workers, next to a bare Celery chain and a plain script?
+
+Everything real: Redis (a database and key prefix of this run's own), the
+sandbox as a process of its own, one Celery worker (prefork, two processes) as
+a process of its own. Measured in one run, so the ratios hold on a noisy machine:
+
+- plain script: the same purchase (create, seats-auto, buyer data, pre-confirm,
+  confirm) made by OneboxClient in a loop, one process: the ideal.
+- bare chain of 6 / of 4: chains of trivial tasks (the broker hops alone).
+- product: intents through submit_many -> the 4-task purchase chain -> results.
+
+CPU per order: the script's own for the plain script, the worker's (main and
+pool processes, from /proc) for the rest.
+Usage: python bench/chain_hops.py [--orders 400]
+Prints a table and writes bench/results/chain_hops.json. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from celery import chain  # noqa: E402
+
+from fulfilment.config import Settings  # noqa: E402
+from fulfilment.onebox import build_client  # noqa: E402
+from fulfilment.wiring import redis_client  # noqa: E402
+from schemas.intent import AutoItem, Buyer  # noqa: E402
+from tasks.app import configure  # noqa: E402
+from tests.cluster import Cluster, env_for  # noqa: E402
+from tests.processes import Child, SandboxProcess, child_pids, wait_for  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "chain_hops.json"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in [pid, *child_pids(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+    return total
+
+
+def plain_script(settings: Settings, orders: int) -> dict[str, float]:
+    client = build_client(settings, redis_client(settings))
+    buyer = Buyer(email="bench@example.com")
+    started, cpu = time.perf_counter(), time.process_time()
+    for i in range(orders):
+        order = client.create_order()
+        client.add_seats_auto(order.id, AutoItem(session_id=1002, price_type_id=3, quantity=1))
+        client.set_buyer(order.id, buyer)
+        client.pre_confirm(order.id)
+        client.confirm(order.id, f"plain-{i}")
+    wall, used = time.perf_counter() - started, time.process_time() - cpu
+    client.close()
+    return {"orders_per_s": orders / wall, "cpu_ms_per_order": 1000 * used / orders}
+
+
+def bare_chains(worker: Child, length: int, count: int) -> dict[str, float]:
+    from bench.probe_tasks import noop
+
+    seen = worker.output().count("succeeded")
+    before, started = cpu_seconds(worker.pid), time.perf_counter()
+    for i in range(count):
+        chain(noop.si(f"c{i}"), *[noop.s() for _ in range(length - 1)]).apply_async()
+    # No result backend: wait until the worker has run every task of every chain.
+    wait_for(lambda: worker.output().count("succeeded") - seen >= length * count, timeout=300,
+             what="the bare chains", interval=0.2)
+    wall = time.perf_counter() - started
+    return {"orders_per_s": count / wall,
+            "cpu_ms_per_order": 1000 * (cpu_seconds(worker.pid) - before) / count}
+
+
+def product(cluster: Cluster, worker: Child, orders: int) -> dict[str, float]:
+    from tasks import submit_many
+
+    documents = [{"reference": f"bench-{i}", "buyer": {"email": "bench@example.com"},
+                  "items": [{"session_id": 1002, "price_type_id": 3, "quantity": 1}]}
+                 for i in range(orders)]
+    before, started = cpu_seconds(worker.pid), time.perf_counter()
+    accepted = sum(1 for s in submit_many(documents) if s.status == "accepted")
+    cluster.collect({d["reference"] for d in documents}, timeout=600)
+    wall = time.perf_counter() - started
+    assert accepted == orders
+    return {"orders_per_s": orders / wall,
+            "cpu_ms_per_order": 1000 * (cpu_seconds(worker.pid) - before) / orders}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orders", type=int, default=400)
+    args = parser.parse_args()
+    tmp = Path(f"/tmp/bench-chain-{uuid.uuid4().hex[:6]}")
+    tmp.mkdir(parents=True)
+    sandbox = SandboxProcess(tmp / "sandbox.log")
+    settings = Settings.defaults().with_overrides(
+        onebox_api_url=sandbox.url, redis_url="redis://127.0.0.1:6379/10",
+        broker_url="redis://127.0.0.1:6379/10", key_prefix=f"bench-{uuid.uuid4().hex[:6]}")
+    configure(settings)
+    cluster = Cluster(settings, sandbox, tmp)
+    rows: dict[str, dict[str, float]] = {}
+    try:
+        rows["plain script (ideal)"] = plain_script(settings, args.orders)
+        keys = cluster.keys
+        worker = Child([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
+                        "-P", "prefork", "-c", "2", "-I", "bench.probe_tasks",
+                        "-Q", f"{keys.continue_queue},{keys.task_queue}",
+                        "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                       tmp / "worker.log", {**env_for(settings), "PYTHONPATH": str(ROOT)})
+        cluster.workers.append(worker)
+        wait_for(lambda: "ready." in worker.output(), timeout=60, what="the worker")
+        rows["bare chain of 6 tasks"] = bare_chains(worker, 6, args.orders)
+        rows["bare chain of 4 tasks"] = bare_chains(worker, 4, args.orders)
+        rows["product (4-task purchase chain)"] = product(cluster, worker, args.orders)
+    finally:
+        cluster.stop()
+        client = redis_client(settings)
+        for key in client.scan_iter(f"{settings.key_prefix}*"):
+            client.delete(key)
+    ideal = rows["plain script (ideal)"]["orders_per_s"]
+    print(f"\n{'':34} {'orders/s':>10} {'CPU ms/order':>13} {'vs ideal':>9}")
+    for name, row in rows.items():
+        print(f"{name:34} {row['orders_per_s']:10.1f} {row['cpu_ms_per_order']:13.2f} "
+              f"{row['orders_per_s'] / ideal:9.2f}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
+                                   "orders": args.orders, "rows": rows}, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
