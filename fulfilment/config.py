@@ -136,7 +136,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_TASK_SOFT_TIME_LIMIT", "task_soft_time_limit", "120",
             "Seconds a task may run before it is asked to stop.", _positive_int),
     Setting("FULFILMENT_TASK_TIME_LIMIT", "task_time_limit", "150",
-            "Seconds after which a task's process is killed (and the task redelivered).",
+            "Seconds after which a task's process is killed; Celery then acknowledges "
+            "it as failed and the recovery sweep resumes the intent from the ledger.",
             _positive_int),
     Setting("FULFILMENT_SWEEP_INTERVAL", "sweep_interval", "30",
             "Seconds between two recovery sweeps (celery beat).", _positive_float),

@@ -37,10 +37,11 @@ class FulfilmentError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code or self.default_code
+        # What Onebox sends is bounded here, so a result built from it always loads.
+        self.code = (code or self.default_code)[:64]
         self.status = status
-        self.trace_id = trace_id
-        self.step = step
+        self.trace_id = trace_id[:128] if trace_id else None
+        self.step = step[:64] if step else None
         self.retry_after = retry_after
 
     def __str__(self) -> str:

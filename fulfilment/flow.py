@@ -47,6 +47,8 @@ ORDER_NOT_FOUND = "ORDER_NOT_FOUND"
 SEAT_NOT_AVAILABLE = "ORDER_SEAT_NOT_AVAILABLE"
 #: How long an abandoned basket is assumed to live when Onebox did not say.
 DEFAULT_BASKET_TTL = 600.0
+#: Allowance for Onebox's clock and ours disagreeing about an expiry.
+CLOCK_SKEW_MARGIN = 5.0
 
 
 class Stage(enum.IntEnum):
@@ -228,14 +230,20 @@ def _confirm(services: Services, reference: str) -> None:
             if order.status == "CONFIRM":
                 _finish_confirmed(services, entry, order)
                 return
-            if order.status != "PRE_CONFIRM":
+            if order.status not in {"PRE_CONFIRM", "BASKET"}:
+                raise PermanentError(f"order in unexpected status {order.status}",
+                                     code="ORDER_STATUS_UNEXPECTED", step="confirm")
+            if order.status == "BASKET":
                 # Back in BASKET: pre-confirm again before confirming.
                 ledger.record(reference, code=None, confirm_sent=False)
                 _pre_confirm(services, reference)
                 entry = _reread(services, reference)
                 assert entry.order_id is not None and entry.code is not None
         assert entry.order_id is not None
-        ledger.record(reference, confirm_sent=True)  # before the call, never after
+        # Before the call, never after. The call restarts the basket's timer, so
+        # "not found" is only conclusive a full time-to-live after it.
+        ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
+        ledger.record(reference, confirm_sent=True, basket_expires=services.clock() + ttl)
         order = client.confirm(entry.order_id, reference, entry.intent.payments)
         _finish_confirmed(services, entry, order)
 
@@ -253,7 +261,8 @@ def _settle(services: Services, entry: Entry) -> Order | None:
     except PermanentError as exc:
         if exc.code != ORDER_NOT_FOUND:
             raise
-        expired = entry.basket_expires is not None and services.clock() > entry.basket_expires
+        expired = (entry.basket_expires is not None
+                   and services.clock() > entry.basket_expires + CLOCK_SKEW_MARGIN)
         if expired:
             return None
         raise TransientError("order not found by its code yet", code=ORDER_NOT_FOUND,
@@ -320,29 +329,52 @@ def _retry_or_fail(services: Services, reference: str, exc: FulfilmentError, *,
     elapsed = services.clock() - entry.submitted_at.timestamp()
     if services.policy.gives_up(failures if counts else 0, elapsed, delay):
         return _fail(services, reference, exc)
+    services.ledger.record(reference)  # a retry is scheduled: alive, not stuck
     return RetryIn(delay, exc.code)
 
 
 def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
-    """Record a failed outcome, unless Onebox says the order was confirmed after all."""
+    """Record a failed outcome, unless Onebox says the order was confirmed after all.
+
+    The outcome is written before the seats are released: a worker dying in
+    between leaves a failed purchase whose basket expires, never a purchase
+    that resumes with seats missing. Where a confirm may have been sent, the
+    order is first fenced (releasing its seats takes it back to BASKET, where a
+    late confirm cannot land) and read again: "failed" only if not confirmed.
+    """
     entry = _reread(services, reference)
     if entry.confirm_sent and entry.code:
         try:
-            order = _settle(services, entry)
+            order = _fence_and_read(services, entry)
         except FulfilmentError as check:
             # We cannot tell whether it was bought: keep asking, never guess "failed".
             log.warning("cannot settle an uncertain confirm yet: %s", check)
+            services.ledger.record(reference)  # alive: the sweep need not resume it
             return RetryIn(services.policy.cap, "CONFIRM_UNSETTLED")
         if order is not None and order.status == "CONFIRM":
             _finish_confirmed(services, entry, order)
             return Proceed()
-    _release(services, entry)
     error = ResultError(code=exc.code, message=exc.message, step=exc.step,
                         retryable=exc.retryable, trace_id=exc.trace_id)
     services.ledger.finish(reference, _result(services, entry, FAILED, error=error))
     with bound(order_id=entry.order_id):
         log.warning("purchase failed: %s", exc)
+    if not entry.confirm_sent:
+        _release(services, entry)
     return Proceed()
+
+
+def _fence_and_read(services: Services, entry: Entry) -> Order | None:
+    """Read the order; if not confirmed, release its seats and read it once more."""
+    order = _settle(services, entry)
+    if order is None or order.status == "CONFIRM":
+        return order
+    if entry.order_id is not None and entry.item_ids:
+        try:
+            services.client.release_seats(entry.order_id, entry.item_ids)
+        except PermanentError as exc:
+            log.info("fence release refused (%s); reading the order again", exc.code)
+    return _settle(services, entry)
 
 
 def _release(services: Services, entry: Entry, *, probe: bool = False) -> bool:
@@ -412,6 +444,11 @@ def _expiry(services: Services, order: Order) -> dict[str, float]:
     return {"basket_expires": expires, "basket_ttl": max(expires - services.clock(), 0.0)}
 
 
+def _clip(value: str | None, length: int = 64) -> str | None:
+    """An identifier from Onebox, bounded as the result contract wants it."""
+    return value[:length] if value else None
+
+
 def _item_ids(order: Order) -> list[int]:
     return [item.id for item in order.items]
 
@@ -423,8 +460,8 @@ def _result(services: Services, entry: Entry, status: str, *, order_code: str | 
         reference=entry.reference,
         status=status,
         batch=entry.intent.batch,
-        order_code=order_code,
-        order_id=order_id if status == CONFIRMED else entry.order_id,
+        order_code=_clip(order_code),
+        order_id=_clip(order_id if status == CONFIRMED else entry.order_id),
         error=error,
         attempts=entry.attempts,
         submitted_at=entry.submitted_at,

@@ -69,9 +69,10 @@ class Intake:
         return report
 
     def _take(self, raw: bytes | str, report: DrainReport) -> None:
+        # The bytes go to the contract as they are: text that is not UTF-8 is refused.
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
         try:
-            submission = self._producer.submit(text)
+            submission = self._producer.submit(raw)
         except InvalidMessageError as exc:
             self._publisher.publish_failure("invalid purchase intent", exc.errors, text)
             report.refused += 1

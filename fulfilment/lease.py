@@ -31,7 +31,9 @@ class Leases:
     def take(self, reference: str) -> Lease | None:
         """The lease on ``reference``, or None while another worker holds it."""
         key, token = self._keys.lease(reference), uuid.uuid4().hex
-        if self._redis.set(key, token, nx=True, ex=self._ttl):
+        taken = self._redis.set(key, token, nx=True, ex=self._ttl)
+        # A SET that timed out and was retried by redis-py may have taken it first.
+        if taken or _text(self._redis.get(key)) == token:
             return Lease(self, key, token)
         return None
 
@@ -47,3 +49,7 @@ class Lease:
 
     def release(self) -> None:
         self.owner._give_back(self)
+
+
+def _text(value: object) -> str | None:
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)

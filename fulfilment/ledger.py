@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import enum
 import json
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +34,11 @@ from fulfilment.keys import Keys
 from schemas.intent import PurchaseIntent, dump_intent, load_intent
 from schemas.result import OrderResult, dump_result, load_result
 
+#: Decoded intents kept per process, oldest dropped first.
+INTENT_CACHE_SIZE = 4096
+#: The quantity limit when reading back an intent that was admitted already.
+STORED_MAX_QUANTITY = 1_000_000
+
 
 class Admission(enum.Enum):
     """What ``Ledger.admit`` made of an intent."""
@@ -42,14 +49,17 @@ class Admission(enum.Enum):
 
 
 # KEYS: ledger key, open-intents zset. ARGV: fingerprint, intent json,
-# submitted_at, now, retention seconds, reference.
+# submitted_at, now, retention seconds, reference, submission id. The
+# submission id makes a call that redis-py retried after a timeout answer "new"
+# again, rather than "duplicate" of itself.
 _ADMIT = """
 local existing = redis.call('HGET', KEYS[1], 'fingerprint')
 if existing then
-  if existing == ARGV[1] then return 'duplicate' end
-  return 'conflict'
+  if existing ~= ARGV[1] then return 'conflict' end
+  if redis.call('HGET', KEYS[1], 'submission') == ARGV[7] then return 'new' end
+  return 'duplicate'
 end
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'intent', ARGV[2],
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'intent', ARGV[2], 'submission', ARGV[7],
            'submitted_at', ARGV[3], 'updated_at', ARGV[4], 'items_done', 0,
            'attempts', 0, 'baskets', 0, 'buyer_set', 0, 'confirm_sent', 0, 'published', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -101,12 +111,13 @@ class Ledger:
     """Reads and writes ledger entries; every write is one atomic Redis command."""
 
     def __init__(self, client: redis.Redis, keys: Keys, retention: int,
-                 max_quantity: int, clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.redis = client
         self._keys = keys
         self._retention = retention
-        self._max_quantity = max_quantity
         self._clock = clock
+        self._intents: dict[str, PurchaseIntent] = {}
+        self._intents_lock = threading.Lock()
         self._admit = client.register_script(_ADMIT)
         self._finish = client.register_script(_FINISH)
 
@@ -116,7 +127,8 @@ class Ledger:
         answer = self._admit(
             keys=[self._keys.ledger(intent.reference), self._keys.open_intents],
             args=[intent.fingerprint(), json.dumps(dump_intent(intent), separators=(",", ":")),
-                  submitted, repr(self._clock()), self._retention, intent.reference],
+                  submitted, repr(self._clock()), self._retention, intent.reference,
+                  uuid.uuid4().hex],
         )
         return Admission(_text(answer))
 
@@ -173,11 +185,24 @@ class Ledger:
     def open_count(self) -> int:
         return int(self.redis.zcard(self._keys.open_intents))
 
+    def _intent(self, fingerprint: str, raw: str) -> PurchaseIntent:
+        """The stored intent, decoded once per process (every stage reads it)."""
+        intent = self._intents.get(fingerprint)
+        if intent is None:
+            # Admitted under the producer's limits; a later, lower limit must not
+            # make a stored intent unreadable.
+            intent = load_intent(raw, max_quantity=STORED_MAX_QUANTITY)
+            with self._intents_lock:  # the demo's worker runs threads
+                if len(self._intents) >= INTENT_CACHE_SIZE:
+                    self._intents.pop(next(iter(self._intents)))
+                self._intents[fingerprint] = intent
+        return intent
+
     def _entry(self, reference: str, fields: Mapping[str, str]) -> Entry:
         outcome = fields.get("outcome")
         return Entry(
             reference=reference,
-            intent=load_intent(fields["intent"], max_quantity=self._max_quantity),
+            intent=self._intent(fields["fingerprint"], fields["intent"]),
             fingerprint=fields["fingerprint"],
             submitted_at=datetime.fromisoformat(fields["submitted_at"]),
             order_id=fields.get("order_id") or None,

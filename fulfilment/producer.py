@@ -20,6 +20,7 @@ from marshmallow import ValidationError
 
 from fulfilment.errors import FulfilmentError, InvalidMessageError, PermanentError
 from fulfilment.ledger import Admission, Ledger
+from fulfilment.redact import scrub
 from schemas.intent import PurchaseIntent, load_intent
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,14 @@ def parse_intent(raw: RawIntent, *, max_quantity: int) -> PurchaseIntent:
         return load_intent(raw, max_quantity=max_quantity)
     except ValidationError as exc:
         messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
-        raise InvalidMessageError("invalid purchase intent", messages) from None
+        raise InvalidMessageError("invalid purchase intent", _scrub_keys(messages)) from None
+
+
+def _scrub_keys(messages: Mapping[Any, Any]) -> dict[Any, Any]:
+    """Field errors keep the producer's field names; one may be an e-mail typed as a key."""
+    return {scrub(key) if isinstance(key, str) else key:
+            _scrub_keys(value) if isinstance(value, Mapping) else value
+            for key, value in messages.items()}
 
 
 def reference_of(raw: RawIntent) -> str | None:

@@ -22,7 +22,15 @@ def sweep(services: Services, dispatch: Callable[[str], None], *, limit: int = 5
     deadline = services.clock() - services.settings.stuck_after
     resumed = []
     for reference in services.ledger.stuck(deadline, limit=limit):
-        entry = services.ledger.get(reference)
+        try:
+            entry = services.ledger.get(reference)
+        except Exception as exc:
+            log.exception("ledger entry of %s is unreadable; sent to the failures queue",
+                          reference)
+            services.publisher.publish_failure(f"unreadable ledger entry: {type(exc).__name__}",
+                                               {"reference": [reference]}, None)
+            services.ledger.forget_open(reference)
+            continue
         if entry is None or entry.published:
             services.ledger.forget_open(reference)  # expired, or done meanwhile
             continue

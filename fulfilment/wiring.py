@@ -64,8 +64,7 @@ def broker_connection(settings: Settings) -> Connection:
 
 
 def build_ledger(settings: Settings, client: redis.Redis) -> Ledger:
-    return Ledger(client, Keys(settings.key_prefix), settings.ledger_retention,
-                  settings.max_quantity)
+    return Ledger(client, Keys(settings.key_prefix), settings.ledger_retention)
 
 
 def build_services(settings: Settings, client: redis.Redis | None = None,

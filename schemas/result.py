@@ -153,7 +153,7 @@ class OrderResultSchema(StrictSchema):
     error = fields.Nested(ResultErrorSchema, metadata={
         "description": "Why the intent failed; present exactly when status is failed."})
     attempts = StrictInteger(load_default=1, validate=validate.Range(min=1), metadata={
-        "description": "How many times the purchase was started."})
+        "description": "How many task runs the purchase took (one or more per stage)."})
     submitted_at = UtcDateTime(metadata={"description": "When the intent was first admitted."})
     finished_at = UtcDateTime(metadata={"description": "When the outcome was settled."})
     metadata = metadata_field("The intent's metadata, copied unchanged.")

@@ -7,6 +7,8 @@ worker``, and this test process as the producer and the results consumer.
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +37,32 @@ class Cluster:
     workers: list[Child] = field(default_factory=list)
     results: dict[str, list[OrderResult]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
+    _supervisor: threading.Thread | None = None
+    _supervising: threading.Event = field(default_factory=threading.Event)
+
+    def supervise(self) -> None:
+        """Restart any worker or beat that exits on its own, as systemd or compose would.
+
+        Celery's worker gives up with "Unrecoverable error" on some broker
+        connection failures (a kombu race while Redis goes away); production
+        runs it under a supervisor that starts it again, and so do these tests.
+        """
+        self._supervising.set()
+
+        def watch() -> None:
+            while self._supervising.is_set():
+                for index, child in enumerate(list(self.workers)):
+                    if not child.alive() and not child.stopping:
+                        child.stop()
+                        self.restarts += 1
+                        log_path = child.log_path.with_name(
+                            f"{child.log_path.stem}-restart{self.restarts}.log")
+                        self.workers[index] = Child(child.args, log_path, child.env)
+                time.sleep(0.2)
+
+        self._supervisor = threading.Thread(target=watch, name="supervisor", daemon=True)
+        self._supervisor.start()
 
     @property
     def keys(self) -> Keys:
@@ -50,7 +78,18 @@ class Cluster:
         self.workers.append(worker)
         return worker
 
+    def start_beat(self) -> Child:
+        """celery beat as a process of its own, as in production (one per deployment)."""
+        beat = Child([sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
+                      "-s", str(self.tmp / "beat-schedule")],
+                     self.tmp / "beat.log", env_for(self.settings))
+        self.workers.append(beat)
+        return beat
+
     def stop(self) -> None:
+        self._supervising.clear()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
         for worker in self.workers:
             worker.stop()
         self.sandbox.stop()

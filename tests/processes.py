@@ -39,6 +39,9 @@ class Child:
     """A child process with its output going to a log file."""
 
     def __init__(self, args: list[str], log_path: Path, env: Mapping[str, str]) -> None:
+        self.args, self.env = args, dict(env)
+        #: Set when the test means it to end, so a supervisor leaves it dead.
+        self.stopping = False
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
@@ -60,6 +63,7 @@ class Child:
             os.killpg(self.process.pid, sig)
 
     def stop(self, timeout: float = 20.0) -> None:
+        self.stopping = True
         if self.alive():
             self.kill(signal.SIGTERM)
             try:

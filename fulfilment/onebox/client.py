@@ -125,7 +125,7 @@ class OneboxClient:
             response = self._send(method, step, path, token, order_id=order_id, json=json,
                                   params=params)
         if not 200 <= response.status_code < 300:
-            raise error_for_response(response, step=step)
+            raise error_for_response(response, step=step, idempotent=method == "GET")
         return response
 
     def _send(self, method: str, step: str, path: str, token: str, *, order_id: str | None,

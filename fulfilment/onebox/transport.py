@@ -26,7 +26,7 @@ from schemas.onebox import load_api_error
 
 TRACE_HEADER = "ob-audit-trace-id"
 #: Statuses after which the server did nothing and asks to be asked again later.
-RETRY_LATER_STATUSES = frozenset({408, 425, 429})
+RETRY_LATER_STATUSES = frozenset({408, 425, 429, 503})
 #: Cap on a server-requested wait, so a bogus Retry-After cannot park a task for days.
 MAX_RETRY_AFTER = 300.0
 
@@ -61,8 +61,14 @@ def _never_sent(exc: requests.RequestException) -> bool:
     return False
 
 
-def error_for_response(response: requests.Response, *, step: str) -> FulfilmentError:
-    """The error kind for an HTTP answer that is not a success."""
+def error_for_response(response: requests.Response, *, step: str,
+                       idempotent: bool) -> FulfilmentError:
+    """The error kind for an HTTP answer that is not a success.
+
+    429 and 503 say "not now": nothing was done. Any other 5xx may come from a
+    server (or a gateway in front of it) that did the work and then failed, so
+    for a request that is not safe to repeat its outcome is unknown.
+    """
     status = response.status_code
     trace_id = response.headers.get(TRACE_HEADER)
     try:
@@ -73,8 +79,10 @@ def error_for_response(response: requests.Response, *, step: str) -> FulfilmentE
     code = api_error.code if api_error else f"HTTP_{status}"
     message = scrub(api_error.message) if api_error else f"Onebox answered HTTP {status}"
     common: dict[str, Any] = {"code": code, "status": status, "trace_id": trace_id, "step": step}
-    if status in RETRY_LATER_STATUSES or status >= 500:
+    if status in RETRY_LATER_STATUSES or (status >= 500 and idempotent):
         return TransientError(message, retry_after=parse_retry_after(response), **common)
+    if status >= 500:
+        return OutcomeUnknownError(message, **common)
     return PermanentError(message, **common)
 
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from fulfilment.config import Settings
-from fulfilment.errors import OutcomeUnknownError, PermanentError, TransientError
+from fulfilment.errors import FulfilmentError, OutcomeUnknownError, PermanentError, TransientError
 from fulfilment.onebox import OneboxClient, TokenProvider, build_client
 from fulfilment.onebox.client import new_session
 from fulfilment.sandbox import RunningSandbox
@@ -112,12 +112,16 @@ def test_unknown_order_is_permanent_not_found(client: OneboxClient) -> None:
 
 
 # --- injected faults: each gives its documented error kind ----------------------------
-@pytest.mark.parametrize(("kind", "status"), [("error_500", 500), ("error_503", 503),
-                                              ("throttle_429", 429)])
+@pytest.mark.parametrize(("kind", "status", "error_kind"), [
+    ("error_503", 503, TransientError),
+    ("throttle_429", 429, TransientError),
+    # A 500 on a POST may come after the work was done: never blindly repeated.
+    ("error_500", 500, OutcomeUnknownError),
+])
 @pytest.mark.parametrize("endpoint", ["create", "seats", "buyer_data", "pre_confirm", "confirm"])
-def test_server_errors_are_transient_and_change_nothing(
+def test_server_errors_give_their_documented_kind(
         client: OneboxClient, sandbox: RunningSandbox, endpoint: str, kind: str,
-        status: int) -> None:
+        status: int, error_kind: type[Exception]) -> None:
     order = client.create_order()
     client.add_seats(order.id, [SeatRef(id=41, session_id=1001)])
     client.set_buyer(order.id, BUYER)
@@ -131,9 +135,11 @@ def test_server_errors_are_transient_and_change_nothing(
     if endpoint == "confirm":
         client.pre_confirm(order.id)
     sandbox.admin.set_faults({"endpoints": {endpoint: {"script": [kind], "retry_after": 2}}})
-    with pytest.raises(TransientError) as caught:
+    with pytest.raises(error_kind) as caught:
         steps[endpoint]()
     error = caught.value
+    assert isinstance(error, FulfilmentError)
+    assert type(error) is error_kind  # OutcomeUnknownError is no TransientError
     assert error.status == status and error.step == endpoint and error.retryable
     assert error.trace_id
     if kind in {"throttle_429", "error_503"}:
@@ -177,6 +183,15 @@ def test_lost_basket_responses_are_outcome_unknown(client: OneboxClient, sandbox
     # The server committed it all the same.
     if endpoint == "seats":
         assert sandbox.admin.inventory(1001)["seats"]["61"] == "HELD"
+
+
+def test_server_error_on_a_read_is_transient(client: OneboxClient,
+                                             sandbox: RunningSandbox) -> None:
+    code = buy(client, [SeatRef(id=72, session_id=1001)], "read-500")
+    sandbox.admin.set_faults({"endpoints": {"get_order": {"script": ["error_500"]}}})
+    with pytest.raises(TransientError) as caught:
+        client.get_order(code)
+    assert type(caught.value) is TransientError and caught.value.status == 500
 
 
 def test_lost_response_on_a_read_is_transient(client: OneboxClient,

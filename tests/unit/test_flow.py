@@ -154,7 +154,7 @@ def world() -> Iterator[World]:
     with Connection("memory://localhost/", transport_options={"polling_interval": 0.01}) as conn:
         services = Services(
             settings=settings, client=onebox,  # type: ignore[arg-type]
-            ledger=Ledger(client, keys, 3600, 50, clock=lambda: clock[0]),
+            ledger=Ledger(client, keys, 3600, clock=lambda: clock[0]),
             publisher=ResultPublisher(conn, Topology.for_keys(keys)),
             leases=Leases(client, keys, 60),
             policy=RetryPolicy(max_attempts=5, base=1.0, cap=8.0, deadline=900, jitter=False),
@@ -364,3 +364,71 @@ def test_result_carries_reference_batch_metadata_and_times(world: World) -> None
     assert result.finished_at is not None and result.submitted_at is not None
     assert result.finished_at - result.submitted_at >= timedelta(0)
     assert result.attempts >= 1
+
+
+def test_failure_is_recorded_before_seats_are_released(world: World) -> None:
+    # Given a purchase failing on its second item, and the worker dying while releasing
+    reference = world.submit()
+    world.onebox.failures["seats_auto"] = [PermanentError("taken",
+                                                          code="ORDER_SEAT_NOT_AVAILABLE")]
+    world.onebox.failures["release"] = [RuntimeError("worker killed")]  # type: ignore[list-item]
+    with pytest.raises(RuntimeError):
+        world.run(reference)
+    # When the redelivered message runs again (the seats are free by now)
+    world.run(reference)
+    # Then it stays failed: it never resumes and buys the basket with a seat missing
+    assert "pre_confirm" not in world.onebox.calls and "confirm" not in world.onebox.calls
+    [result] = world.results()
+    assert result.status == "failed"
+
+
+def test_giving_up_on_a_sent_confirm_fences_the_order_before_saying_failed(
+        world: World) -> None:
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    world.clock[0] += 10_000  # past the deadline: the next failure gives up
+    world.onebox.failures["confirm"] = [TransientError("busy", step="confirm")]
+    world.run(reference)
+    # The order was read, its seats released (the fence), read again, then failed
+    assert world.onebox.calls[-4:] == ["confirm", "get_order", "release", "get_order"]
+    assert world.onebox.confirms == {}
+    assert world.results()[0].status == "failed"
+
+
+def test_a_late_confirm_caught_by_the_fence_is_reported_confirmed(world: World) -> None:
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    world.clock[0] += 10_000
+    world.onebox.failures["confirm"] = [TransientError("busy", step="confirm")]
+    # The first confirm lands at Onebox just before the fence
+    order_id = next(iter(world.onebox.orders))
+    real_release = world.onebox.release_seats
+
+    def late_confirm_then_release(oid: str, item_ids: Sequence[int]) -> Order:
+        world.onebox.orders[order_id] = replace(world.onebox.orders[order_id], status="CONFIRM")
+        raise PermanentError("order is confirmed", code="DIST0004")
+
+    world.onebox.release_seats = late_confirm_then_release  # type: ignore[method-assign]
+    world.run(reference)
+    world.onebox.release_seats = real_release  # type: ignore[method-assign]
+    assert world.results()[0].status == "confirmed"
+
+
+def test_an_unreadable_entry_does_not_stop_the_sweep(world: World) -> None:
+    from fulfilment import recovery
+    from fulfilment.topology import Topology
+
+    broken, fine = world.submit("broken-1"), world.submit("fine-1")
+    world.services.ledger.redis.hset(world.services.ledger._keys.ledger(broken), "intent", "{")
+    world.clock[0] += 10_000
+    dispatched: list[str] = []
+    assert recovery.sweep(world.services, dispatched.append) == [fine]
+    assert dispatched == [fine]
+    topology = Topology.for_keys(world.services.ledger._keys)
+    from fulfilment.results import consume_failures
+
+    [failure] = list(consume_failures(world.connection, topology, timeout=0.01,
+                                      idle_timeout=0.05))
+    assert failure["errors"] == {"reference": [broken]}
