@@ -76,6 +76,13 @@ class RetryIn:
 Decision = Proceed | RetryIn
 
 
+class NotFoundYetError(TransientError):
+    """Onebox cannot find the order yet; conclusive once its basket's expiry has passed.
+
+    Waiting for that is not failing: it does not use up attempts.
+    """
+
+
 class UnknownIntentError(PermanentError):
     """A task names a reference the ledger does not hold (expired, or never admitted)."""
 
@@ -174,8 +181,10 @@ def _fill_basket(services: Services, entry: Entry) -> None:
         with bound(step="create"):
             order = client.create_order()
         order_id = order.id
+        # A new basket is progress (new baskets are bounded on their own by
+        # FULFILMENT_RETRY_MAX_ATTEMPTS): each gets the full failure budget.
         ledger.record(reference, order_id=order_id, item_ids=[], items_done=0, buyer_set=False,
-                      code=None, confirm_sent=False, baskets=entry.baskets + 1,
+                      code=None, confirm_sent=False, baskets=entry.baskets + 1, failures=0,
                       **_expiry(services, order))
         with bound(order_id=order_id):
             log.info("basket opened")
@@ -261,12 +270,12 @@ def _settle(services: Services, entry: Entry) -> Order | None:
     except PermanentError as exc:
         if exc.code != ORDER_NOT_FOUND:
             raise
-        expired = (entry.basket_expires is not None
-                   and services.clock() > entry.basket_expires + CLOCK_SKEW_MARGIN)
-        if expired:
+        conclusive_at = (entry.basket_expires or services.clock()) + CLOCK_SKEW_MARGIN
+        if entry.basket_expires is not None and services.clock() > conclusive_at:
             return None
-        raise TransientError("order not found by its code yet", code=ORDER_NOT_FOUND,
-                             step="get_order") from exc
+        raise NotFoundYetError("order not found by its code yet", code=ORDER_NOT_FOUND,
+                               step="get_order",
+                               retry_after=max(conclusive_at - services.clock(), 0.0)) from exc
 
 
 def _finish_confirmed(services: Services, entry: Entry, order: Order) -> None:
@@ -298,7 +307,8 @@ def _after_unknown(services: Services, reference: str, exc: OutcomeUnknownError)
 
 def _after_transient(services: Services, reference: str, exc: TransientError) -> Decision:
     log.warning("transient failure: %s", exc)
-    return _retry_or_fail(services, reference, exc)
+    return _retry_or_fail(services, reference, exc,
+                          counts=not isinstance(exc, NotFoundYetError))
 
 
 def _restart_basket(services: Services, reference: str, exc: FulfilmentError) -> Decision:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis
 
 from fulfilment.keys import Keys
+from fulfilment.redis_text import text
 
 # Release only if it is still ours. KEYS: lease key. ARGV: token.
 _RELEASE = """
@@ -33,7 +34,7 @@ class Leases:
         key, token = self._keys.lease(reference), uuid.uuid4().hex
         taken = self._redis.set(key, token, nx=True, ex=self._ttl)
         # A SET that timed out and was retried by redis-py may have taken it first.
-        if taken or _text(self._redis.get(key)) == token:
+        if taken or text(self._redis.get(key)) == token:
             return Lease(self, key, token)
         return None
 
@@ -49,7 +50,3 @@ class Lease:
 
     def release(self) -> None:
         self.owner._give_back(self)
-
-
-def _text(value: object) -> str | None:
-    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)

@@ -31,6 +31,7 @@ from typing import Any
 import redis
 
 from fulfilment.keys import Keys
+from fulfilment.redis_text import text
 from schemas.intent import PurchaseIntent, dump_intent, load_intent
 from schemas.result import OrderResult, dump_result, load_result
 
@@ -130,13 +131,13 @@ class Ledger:
                   submitted, repr(self._clock()), self._retention, intent.reference,
                   uuid.uuid4().hex],
         )
-        return Admission(_text(answer))
+        return Admission(text(answer))
 
     def get(self, reference: str) -> Entry | None:
         raw = self.redis.hgetall(self._keys.ledger(reference))
         if not raw:
             return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         return self._entry(reference, fields)
 
     def record(self, reference: str, **changes: Any) -> None:
@@ -163,7 +164,7 @@ class Ledger:
             keys=[self._keys.ledger(reference)],
             args=[json.dumps(dump_result(outcome), separators=(",", ":")), repr(self._clock())],
         )
-        return load_result(_text(stored)) if stored else None
+        return load_result(text(stored)) if stored else None
 
     def mark_published(self, reference: str) -> None:
         """The outcome is on the results queue: nothing more is owed for this intent."""
@@ -176,7 +177,7 @@ class Ledger:
         """References whose last progress is older than ``older_than`` (epoch seconds)."""
         found = self.redis.zrangebyscore(self._keys.open_intents, "-inf", older_than,
                                           start=0, num=limit)
-        return [_text(ref) for ref in found]
+        return [text(ref) for ref in found]
 
     def forget_open(self, reference: str) -> None:
         """Drop a reference from the open set (its entry expired)."""
@@ -225,10 +226,6 @@ class Ledger:
 
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _encode(value: Any) -> str:

@@ -25,6 +25,7 @@ from marshmallow import ValidationError
 from fulfilment.config import Settings
 from fulfilment.errors import PermanentError, TransientError
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, parse_retry_after
+from fulfilment.redis_text import text
 from schemas.onebox import load_api_error, load_token
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class CachedToken:
 
     @classmethod
     def from_fields(cls, raw: dict[Any, Any]) -> CachedToken | None:
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         try:
             return cls(data["access_token"], float(data["expires_at"]), float(data["renew_at"]))
         except (ValueError, KeyError):
@@ -212,7 +213,3 @@ class TokenProvider:
         # Wrong key or channel: no retry will fix it, an operator must.
         return PermanentError("Onebox refused the channel's credentials", code=code, status=status,
                               trace_id=trace_id, step=STEP)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -191,8 +191,8 @@ def test_redis_restarted_mid_run(chaos: Cluster) -> None:
 
 def test_onebox_failing_every_way_on_every_step(chaos: Cluster) -> None:
     sell_recital_front_row(chaos)
-    every_way = {"error_500": 0.04, "error_503": 0.03, "throttle_429": 0.04, "retry_after": 0.2,
-                 "lost_response": 0.04, "slow_after": 0.02, "slow_after_ms": 2500,
+    every_way = {"error_500": 0.03, "error_503": 0.03, "throttle_429": 0.04, "retry_after": 0.2,
+                 "lost_response": 0.03, "slow_after": 0.01, "slow_after_ms": 2500,
                  "latency_ms": 2, "latency_jitter_ms": 20}
     chaos.sandbox.admin.set_faults({"seed": 11, "endpoints": {"*": every_way}})
     chaos.start_worker(concurrency=4)

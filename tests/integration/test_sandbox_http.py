@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ import requests
 
 from fulfilment.sandbox import RunningSandbox, SandboxOptions, start_in_thread
 from fulfilment.sandbox.http import HttpServer, Response
+from tests import processes
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +34,7 @@ T = TypeVar("T")
 
 
 def wait_for(condition: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    return processes.wait_for(condition, timeout=timeout, what=what, interval=0.02)
 
 
 @pytest.fixture(scope="module")

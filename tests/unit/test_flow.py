@@ -432,3 +432,22 @@ def test_an_unreadable_entry_does_not_stop_the_sweep(world: World) -> None:
     [failure] = list(consume_failures(world.connection, topology, timeout=0.01,
                                       idle_timeout=0.05))
     assert failure["errors"] == {"reference": [broken]}
+
+
+def test_waiting_for_not_found_to_be_conclusive_does_not_use_up_attempts(
+        world: World) -> None:
+    # Given a confirm that may have been sent, then an order Onebox cannot find
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    world.onebox.orders.clear()
+    # When it is read again and again before its basket's expiry has passed
+    for _ in range(20):
+        decision = world.run(reference)
+        assert isinstance(decision, RetryIn) and decision.reason == "ORDER_NOT_FOUND"
+    # Then, once it has, the purchase starts a new basket rather than failing
+    world.clock[0] += 700
+    assert isinstance(world.run(reference), RetryIn)
+    world.run(reference)
+    assert world.results()[0].status == "confirmed"
+    assert world.onebox.calls.count("create") == 2
