@@ -229,3 +229,20 @@ def services_env() -> dict[str, str]:
 
 
 _ = services  # the Redis fixture comes from tests/services via conftest
+
+
+def test_a_bad_task_message_goes_to_the_failures_queue_and_the_worker_goes_on(
+        cluster: Cluster) -> None:
+    from tasks.purchase import basket
+
+    cluster.start_worker()
+    # Given task messages no producer of ours would send
+    basket.apply_async(args=[{"not": "a reference"}])
+    basket.apply_async(args=["never-admitted"])
+    # When a good intent follows them
+    references = submit_all([intent("after-bad-1", [auto(1)])])
+    # Then each bad one is on the failures queue with its reason, and the good one is bought
+    reasons = sorted(f["reason"] for f in cluster.collect_failures(2))
+    assert reasons == ["no ledger entry for reference never-admitted",
+                       "task argument is not a reference"]
+    assert cluster.collect(references)["after-bad-1"].status == "confirmed"
