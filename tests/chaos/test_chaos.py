@@ -65,6 +65,7 @@ def chaos(tmp_path: Path) -> Iterator[Cluster]:
     cluster.start_beat()
     cluster.supervise()
     try:
+        sell_recital_front_row(cluster)  # so one intent in fifty is bound to fail
         yield cluster
     finally:
         cluster.stop()
@@ -109,6 +110,15 @@ def submit(documents: list[dict[str, Any]]) -> set[str]:
     return {d["reference"] for d in documents}
 
 
+def start(cluster: Cluster, tag: str, *concurrency: int) -> list[dict[str, Any]]:
+    """Start a worker per concurrency given, and submit the scenario's intents."""
+    for processes in concurrency:
+        cluster.start_worker(concurrency=processes)
+    documents = intents(tag)
+    submit(documents)
+    return documents
+
+
 def verify(cluster: Cluster, scenario: str, documents: list[dict[str, Any]],
            submitted: int) -> dict[str, int]:
     references = {d["reference"] for d in documents}
@@ -151,11 +161,7 @@ def progress(cluster: Cluster) -> int:
 
 def test_worker_processes_killed_with_sigkill(chaos: Cluster) -> None:
     # Given two workers and the intents on their way
-    sell_recital_front_row(chaos)
-    chaos.start_worker(concurrency=2)
-    chaos.start_worker(concurrency=2)
-    documents = intents("kill")
-    submit(documents)
+    documents = start(chaos, "kill", 2, 2)
     # When pool processes and whole workers are killed with SIGKILL as they work
     rng = random.Random(1)
     for round_ in range(6):
@@ -177,10 +183,7 @@ def test_worker_processes_killed_with_sigkill(chaos: Cluster) -> None:
 
 
 def test_redis_restarted_mid_run(chaos: Cluster) -> None:
-    sell_recital_front_row(chaos)
-    chaos.start_worker(concurrency=3)
-    documents = intents("redis")
-    submit(documents)
+    documents = start(chaos, "redis", 3)
     server: RedisServer = chaos.redis_server  # type: ignore[attr-defined]
     for fraction in (3, 2):
         target = len(documents) // fraction
@@ -190,14 +193,11 @@ def test_redis_restarted_mid_run(chaos: Cluster) -> None:
 
 
 def test_onebox_failing_every_way_on_every_step(chaos: Cluster) -> None:
-    sell_recital_front_row(chaos)
     every_way = {"error_500": 0.03, "error_503": 0.03, "throttle_429": 0.04, "retry_after": 0.2,
                  "lost_response": 0.03, "slow_after": 0.01, "slow_after_ms": 2500,
                  "latency_ms": 2, "latency_jitter_ms": 20}
     chaos.sandbox.admin.set_faults({"seed": 11, "endpoints": {"*": every_way}})
-    chaos.start_worker(concurrency=4)
-    documents = intents("faults")
-    submit(documents)
+    documents = start(chaos, "faults", 4)
     counts = verify(chaos, "Onebox 500/503/429/slow/lost on every step", documents,
                     len(documents))
     faults = chaos.sandbox.admin.audit()["faults"]
@@ -208,7 +208,6 @@ def test_onebox_failing_every_way_on_every_step(chaos: Cluster) -> None:
 
 def test_every_intent_submitted_three_times_by_concurrent_producers(chaos: Cluster,
                                                                     tmp_path: Path) -> None:
-    sell_recital_front_row(chaos)
     chaos.start_worker(concurrency=3)
     documents = intents("triple")
     files = []
@@ -230,12 +229,8 @@ def test_every_intent_submitted_three_times_by_concurrent_producers(chaos: Clust
 
 
 def test_two_workers_and_the_recovery_sweep_together(chaos: Cluster) -> None:
-    sell_recital_front_row(chaos)
     # Given two workers, and beat sweeping every 5 s
-    chaos.start_worker(concurrency=2)
-    chaos.start_worker(concurrency=2)
-    documents = intents("sweep")
-    submit(documents)
+    documents = start(chaos, "sweep", 2, 2)
     # And part of the work lost from the broker: tasks deleted off the queue,
     # as a broker that lost messages would
     client = redis_client(chaos.settings)
