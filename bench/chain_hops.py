@@ -108,7 +108,8 @@ def main() -> None:
     sandbox = SandboxProcess(tmp / "sandbox.log")
     settings = Settings.defaults().with_overrides(
         onebox_api_url=sandbox.url, redis_url="redis://127.0.0.1:6379/10",
-        broker_url="redis://127.0.0.1:6379/10", key_prefix=f"bench-{uuid.uuid4().hex[:6]}")
+        broker_url="redis://127.0.0.1:6379/10", key_prefix=f"bench-{uuid.uuid4().hex[:6]}",
+        require_durable_redis=False)  # the machine's Redis; bench/durability_cost.py has both
     configure(settings)
     cluster = Cluster(settings, sandbox, tmp)
     rows: dict[str, dict[str, float]] = {}

@@ -12,7 +12,7 @@ from typing import IO
 
 import click
 
-from fulfilment.config import Settings, settings_table
+from fulfilment.config import SETTINGS, Settings, settings_table
 from fulfilment.errors import ConfigError
 from fulfilment.keys import Keys
 from fulfilment.logcontext import configure_logging
@@ -47,9 +47,8 @@ def settings(markdown: bool) -> None:
         click.echo(settings_table())
         return
     current = load_settings()
-    for name, value in sorted(vars(current).items()):
-        shown = "<secret>" if name == "onebox_api_key" else value
-        click.echo(f"{name} = {shown}")
+    for setting in SETTINGS:
+        click.echo(f"{setting.env} = {current.shown(setting)}")
 
 
 @cli.command()

@@ -105,6 +105,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_BROKER_URL", "broker_url", "",
             "Celery broker (and results queue); empty means `FULFILMENT_REDIS_URL`.",
             _broker_url),
+    Setting("FULFILMENT_REQUIRE_DURABLE_REDIS", "require_durable_redis", "true",
+            "Refuse to start unless Redis fsyncs every write before answering "
+            "(`appendonly yes`, `appendfsync always`): what a host crash can take back "
+            "was never recorded. `false` waives the check (a warning at every start).",
+            _bool),
     Setting("FULFILMENT_KEY_PREFIX", "key_prefix", "fulfilment",
             "Prefix of every Redis key and queue name this project owns; one "
             "deployment (or one test run) per prefix."),
@@ -128,6 +133,10 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_int),
     Setting("FULFILMENT_STUCK_AFTER", "stuck_after", "300",
             "Seconds without progress after which the recovery sweep resumes an intent.",
+            _positive_float),
+    Setting("FULFILMENT_LEASE_TTL", "lease_ttl", "15",
+            "Seconds a worker's hold on an intent lasts unless renewed (it is renewed "
+            "while the work runs): how long an intent waits after its worker is killed.",
             _positive_float),
     Setting("FULFILMENT_VISIBILITY_TIMEOUT", "visibility_timeout", "3600",
             "Redis broker: seconds before an unacknowledged task is redelivered (a worker "
@@ -160,6 +169,7 @@ class Settings:
     onebox_token_renew_margin: float
     redis_url: str
     broker_url: str
+    require_durable_redis: bool
     key_prefix: str
     max_quantity: int
     retry_max_attempts: int
@@ -168,6 +178,7 @@ class Settings:
     retry_deadline: float
     ledger_retention: int
     stuck_after: float
+    lease_ttl: float
     visibility_timeout: int
     task_soft_time_limit: int
     task_time_limit: int
@@ -184,7 +195,7 @@ class Settings:
             try:
                 values[setting.attr] = setting.parse(raw)
             except ValueError as exc:
-                shown = "<secret>" if setting.secret else repr(raw)
+                shown = "<secret>" if setting.secret else repr(mask_url(raw))
                 raise ConfigError(f"{setting.env}={shown}: {exc}") from None
         settings = cls(**values)
         settings.validate()
@@ -202,6 +213,16 @@ class Settings:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
             raise ConfigError("FULFILMENT_KEY_PREFIX must be 1-64 of A-Za-z0-9_.-")
 
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{s.attr}={self.shown(s)}" for s in SETTINGS if not s.secret)
+        return f"Settings({shown})"
+
+    def shown(self, setting: Setting) -> str:
+        """A setting's value as it may be shown: secrets hidden, URL passwords masked."""
+        if setting.secret:
+            return "<secret>"
+        return repr(mask_url(str(getattr(self, setting.attr))))
+
     @classmethod
     def defaults(cls) -> Settings:
         """The settings an empty environment gives (the local sandbox)."""
@@ -218,6 +239,15 @@ class Settings:
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+
+#: ``//user:password@`` in a URL (or in any text that holds one).
+_URL_PASSWORD = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
+
+
+def mask_url(value: str) -> str:
+    """Text with the password of any URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1***@", value)
 
 
 def settings_table() -> str:

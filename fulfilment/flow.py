@@ -31,20 +31,31 @@ from fulfilment.errors import (
     TransientError,
 )
 from fulfilment.lease import Leases
-from fulfilment.ledger import Entry, Ledger
+from fulfilment.ledger import Entry, LeaseLostError, Ledger, UnknownIntentError
 from fulfilment.logcontext import bound
 from fulfilment.onebox.client import OneboxClient
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from schemas.intent import NumberedItem
 from schemas.onebox import Order
-from schemas.result import CONFIRMED, FAILED, OrderResult, ResultError, result_id_for
+from schemas.result import (
+    CONFIRMED,
+    FAILED,
+    UNSETTLED,
+    OrderResult,
+    ResultError,
+    result_id_for,
+)
 
 log = logging.getLogger(__name__)
 
 #: Onebox's answer when a basket is gone (expired or never existed).
 ORDER_NOT_FOUND = "ORDER_NOT_FOUND"
 SEAT_NOT_AVAILABLE = "ORDER_SEAT_NOT_AVAILABLE"
+#: Onebox's answer when the order's status does not allow the call.
+STATUS_CONFLICT = "DIST0004"
+#: Ours: the order's seats were released, so no confirm can land on it any more.
+ORDER_FENCED = "ORDER_FENCED"
 #: How long an abandoned basket is assumed to live when Onebox did not say.
 DEFAULT_BASKET_TTL = 600.0
 #: Allowance for Onebox's clock and ours disagreeing about an expiry.
@@ -83,10 +94,16 @@ class NotFoundYetError(TransientError):
     """
 
 
-class UnknownIntentError(PermanentError):
-    """A task names a reference the ledger does not hold (expired, or never admitted)."""
+class OutOfTimeError(TransientError):
+    """This task run is near its time limit: hand over to a retry, progress recorded.
 
-    default_code = "UNKNOWN_INTENT"
+    Not a failure: it does not use up attempts.
+    """
+
+    default_code = "HANDED_OVER"
+
+
+__all__ = ["Proceed", "RetryIn", "Services", "Stage", "UnknownIntentError", "advance", "settle"]
 
 
 @dataclass(frozen=True)
@@ -117,58 +134,85 @@ def advance(services: Services, reference: str, target: Stage, attempt: int = 1)
         lease = services.leases.take(reference)
         if lease is None:
             return RetryIn(1.0, "another worker holds this intent")
-        try:
-            entry = services.ledger.get(reference) or entry  # re-read under the lease
-            return _advance_leased(services, entry, target)
-        finally:
-            lease.release()
+        with lease, services.ledger.fenced(lease.key, lease.token):
+            entry = _reread(services, reference)  # re-read under the lease
+            try:
+                return _advance_leased(services, entry, target)
+            except LeaseLostError as exc:
+                log.warning("%s; handing the intent over", exc)
+                return RetryIn(services.leases.ttl, exc.code)
+
+
+def _time_budget(settings: Settings) -> float:
+    """Seconds a run may start calls for: one full call must fit before the soft limit."""
+    call = settings.onebox_connect_timeout + settings.onebox_read_timeout
+    return max(settings.task_soft_time_limit - call - 1.0, 1.0)
 
 
 def _advance_leased(services: Services, entry: Entry, target: Stage) -> Decision:
     services.ledger.count_attempt(entry.reference)
-    decision = _attempt(services, entry, target)
+    until = services.clock() + _time_budget(services.settings)
+    decision = _attempt(services, entry, target, until)
     if isinstance(decision, Proceed) and target >= Stage.PUBLISHED:
         _publish(services, entry.reference)
     return decision
 
 
-def _attempt(services: Services, entry: Entry, target: Stage) -> Decision:
+def _attempt(services: Services, entry: Entry, target: Stage, until: float) -> Decision:
     """Run the stages; turn each kind of failure into what happens next."""
     try:
-        _run(services, entry, target)
+        _run(services, entry, target, until)
+    except (UnknownIntentError, LeaseLostError):
+        raise  # not about the purchase: about this worker's right to work on it
+    except OutOfTimeError as exc:
+        log.info("%s; a retry carries on", exc.message)
+        return RetryIn(0.0, exc.code)
     except OutcomeUnknownError as exc:
         return _after_unknown(services, entry.reference, exc)
     except TransientError as exc:
         return _after_transient(services, entry.reference, exc)
     except PermanentError as exc:
-        if exc.code == ORDER_NOT_FOUND:
-            # The basket expired under us: nothing was bought, start a new one.
-            return _restart_basket(services, entry.reference, exc)
-        orphan_left = _orphan_left(services, entry.reference)
-        if exc.code == SEAT_NOT_AVAILABLE and orphan_left > 0:
-            # Our own abandoned basket may hold the seat until it expires: wait for it.
-            log.info("seat held, maybe by our abandoned basket for %.0fs more", orphan_left)
-            waiting = TransientError(exc.message, code=exc.code, status=exc.status,
-                                     trace_id=exc.trace_id, step=exc.step,
-                                     retry_after=orphan_left + 1.0)
-            # Bounded by the deadline only: waiting is not trying again.
-            return _retry_or_fail(services, entry.reference, waiting, counts=False)
-        return _fail(services, entry.reference, exc)
+        return _after_permanent(services, entry.reference, exc)
     return Proceed()
 
 
-def _run(services: Services, entry: Entry, target: Stage) -> None:
+def _after_permanent(services: Services, reference: str, exc: PermanentError) -> Decision:
+    if exc.code == STATUS_CONFLICT and exc.step != "release":
+        # Never a failure by itself: ask Onebox where our order stands.
+        return _reconcile(services, reference, exc)
+    if exc.code in {ORDER_NOT_FOUND, ORDER_FENCED}:
+        # The basket expired under us, or we fenced it: nothing was bought, start anew.
+        return _restart_basket(services, reference, exc)
+    orphan_left = _orphan_left(services, reference)
+    if exc.code == SEAT_NOT_AVAILABLE and orphan_left > 0:
+        # Our own abandoned basket may hold the seat until it expires: wait for it.
+        log.info("seat held, maybe by our abandoned basket for %.0fs more", orphan_left)
+        waiting = TransientError(exc.message, code=exc.code, status=exc.status,
+                                 trace_id=exc.trace_id, step=exc.step,
+                                 retry_after=orphan_left + 1.0)
+        # Bounded by the deadline only: waiting is not trying again.
+        return _retry_or_fail(services, reference, waiting, counts=False)
+    return _fail(services, reference, exc)
+
+
+def _run(services: Services, entry: Entry, target: Stage, until: float) -> None:
     if entry.finished:
         return
-    _fill_basket(services, entry)
+    _fill_basket(services, entry, until)
     if target >= Stage.PRE_CONFIRMED:
-        _pre_confirm(services, entry.reference)
+        _pre_confirm(services, entry.reference, until)
     if target >= Stage.FINISHED:
-        _confirm(services, entry.reference)
+        _confirm(services, entry.reference, until)
+
+
+def _in_time(services: Services, until: float) -> None:
+    """Before each call: stop while a whole call still fits before the soft time limit."""
+    if services.clock() > until:
+        raise OutOfTimeError("this run's time is up")
 
 
 # --- the stages ----------------------------------------------------------------
-def _fill_basket(services: Services, entry: Entry) -> None:
+def _fill_basket(services: Services, entry: Entry, until: float) -> None:
     ledger, client, reference = services.ledger, services.client, entry.reference
     if entry.pending:
         # A seats or pre-confirm call was sent and its answer never recorded (the
@@ -177,6 +221,7 @@ def _fill_basket(services: Services, entry: Entry) -> None:
                                   step=entry.pending)
     order_id = entry.order_id
     if order_id is None:
+        _in_time(services, until)
         # Safe to repeat: a basket created but never recorded just expires.
         with bound(step="create"):
             order = client.create_order()
@@ -193,6 +238,7 @@ def _fill_basket(services: Services, entry: Entry) -> None:
     with bound(order_id=order_id):
         for index in range(items_done, len(items)):
             item = items[index]
+            _in_time(services, until)
             with bound(step="seats"), _sending(ledger, reference, "seats"):
                 if isinstance(item, NumberedItem):
                     order = client.add_seats(order_id, item.seats)
@@ -201,17 +247,19 @@ def _fill_basket(services: Services, entry: Entry) -> None:
             ledger.record(reference, item_ids=_item_ids(order), items_done=index + 1, pending=None,
                           **_expiry(services, order), failures=0)
         if not (entry.buyer_set and entry.order_id):
+            _in_time(services, until)
             # Safe to repeat: buyer data is set, not added.
             with bound(step="buyer_data"):
                 client.set_buyer(order_id, entry.intent.buyer)
             ledger.record(reference, buyer_set=True, failures=0)
 
 
-def _pre_confirm(services: Services, reference: str) -> None:
+def _pre_confirm(services: Services, reference: str, until: float) -> None:
     entry = _reread(services, reference)
     if entry.code is not None:
         return
     assert entry.order_id is not None
+    _in_time(services, until)
     with bound(step="pre_confirm", order_id=entry.order_id):
         with _sending(services.ledger, reference, "pre_confirm"):
             order = services.client.pre_confirm(entry.order_id, entry.intent.delivery_method)
@@ -223,14 +271,15 @@ def _pre_confirm(services: Services, reference: str) -> None:
         log.info("order pre-confirmed, code %s", order.code)
 
 
-def _confirm(services: Services, reference: str) -> None:
+def _confirm(services: Services, reference: str, until: float) -> None:
     entry = _reread(services, reference)
     assert entry.order_id is not None and entry.code is not None
     client, ledger = services.client, services.ledger
     with bound(step="confirm", order_id=entry.order_id):
+        _in_time(services, until)
         if entry.confirm_sent:
             # A confirm may have been done: ask Onebox before sending another.
-            found = _settle(services, entry)
+            found = _read_or_fence(services, entry)
             if found is None:
                 raise PermanentError("the order expired unconfirmed", code=ORDER_NOT_FOUND,
                                      step="confirm")
@@ -245,7 +294,7 @@ def _confirm(services: Services, reference: str) -> None:
             if order.status == "BASKET":
                 # Back in BASKET: pre-confirm again before confirming.
                 ledger.record(reference, code=None, confirm_sent=False)
-                _pre_confirm(services, reference)
+                _pre_confirm(services, reference, until)
                 entry = _reread(services, reference)
                 assert entry.order_id is not None and entry.code is not None
         assert entry.order_id is not None
@@ -278,11 +327,44 @@ def _settle(services: Services, entry: Entry) -> Order | None:
                                retry_after=max(conclusive_at - services.clock(), 0.0)) from exc
 
 
+def _read_or_fence(services: Services, entry: Entry) -> Order | None:
+    """The order an uncertain confirm may have reached; None if it is gone.
+
+    When Onebox refuses the read itself (the orders-management API answering
+    401 or 403, say), releasing the order's seats fences it instead: Onebox
+    refuses to release a confirmed order's seats, so a release that works
+    proves the order unconfirmed, and it stays so (a late confirm finds a
+    basket). The purchase then starts again with a new basket.
+    """
+    try:
+        return _settle(services, entry)
+    except PermanentError as exc:
+        if _fence(services, entry):
+            raise PermanentError("the order could not be read; its seats were released",
+                                 code=ORDER_FENCED, step="confirm") from exc
+        raise TransientError(f"the order can neither be read nor fenced yet ({exc.code})",
+                             code="CONFIRM_UNSETTLED", step="confirm") from exc
+
+
+def _fence(services: Services, entry: Entry) -> bool:
+    """Release the order's seats; True only if Onebox did (a refusal fences nothing)."""
+    if entry.order_id is None or not entry.item_ids:
+        return False
+    with bound(step="release"):
+        try:
+            services.client.release_seats(entry.order_id, entry.item_ids)
+        except FulfilmentError as exc:
+            log.info("fence release refused or failed (%s)", exc.code)
+            return False
+    log.info("order %s fenced: its seats are released", entry.code)
+    return True
+
+
 def _finish_confirmed(services: Services, entry: Entry, order: Order) -> None:
     result = _result(services, entry, CONFIRMED, order_code=order.code or entry.code,
                      order_id=order.id)
     stands = services.ledger.finish(entry.reference, result)
-    log.info("order %s confirmed", (stands or result).order_code)
+    log.info("order %s confirmed", stands.order_code)
 
 
 def _publish(services: Services, reference: str) -> None:
@@ -317,10 +399,13 @@ def _restart_basket(services: Services, reference: str, exc: FulfilmentError) ->
         return _fail(services, reference, exc)
     # Only a seats call adds items we may not know of; a lost pre-confirm adds none.
     unknown_items = isinstance(exc, OutcomeUnknownError) and exc.step in {"seats", "seats_auto"}
-    released_all = _release(services, entry, probe=unknown_items)
-    # Every call naming the basket (our release attempt too) restarts its timer.
+    released_all = exc.code == ORDER_FENCED or _release(services, entry, probe=unknown_items)
+    # Every call naming the basket (our release attempt too) restarts its timer. A
+    # seats call of unknown outcome may still land after we listed and released
+    # the basket (Onebox finishing it late), so its seats may be held until then.
     ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
-    orphan = {} if released_all else {"orphan_expires": services.clock() + ttl + 1.0}
+    orphan = ({} if released_all and not unknown_items
+              else {"orphan_expires": services.clock() + ttl + 1.0})
     services.ledger.record(reference, order_id=None, item_ids=[], items_done=0, buyer_set=False,
                            code=None, confirm_sent=False, pending=None, **orphan)
     return _retry_or_fail(services, reference, exc)
@@ -354,16 +439,13 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
     """
     entry = _reread(services, reference)
     if entry.confirm_sent and entry.code:
-        try:
-            order = _fence_and_read(services, entry)
-        except FulfilmentError as check:
-            # We cannot tell whether it was bought: keep asking, never guess "failed".
-            log.warning("cannot settle an uncertain confirm yet: %s", check)
-            services.ledger.record(reference)  # alive: the sweep need not resume it
-            return RetryIn(services.policy.cap, "CONFIRM_UNSETTLED")
+        order, settled = _settle_for_failure(services, entry)
         if order is not None and order.status == "CONFIRM":
             _finish_confirmed(services, entry, order)
             return Proceed()
+        if not settled:
+            # We cannot tell whether it was bought: never guess "failed".
+            return _unsettled_or_wait(services, entry, exc)
     error = ResultError(code=exc.code, message=exc.message, step=exc.step,
                         retryable=exc.retryable, trace_id=exc.trace_id)
     services.ledger.finish(reference, _result(services, entry, FAILED, error=error))
@@ -374,17 +456,96 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
     return Proceed()
 
 
-def _fence_and_read(services: Services, entry: Entry) -> Order | None:
-    """Read the order; if not confirmed, release its seats and read it once more."""
-    order = _settle(services, entry)
-    if order is None or order.status == "CONFIRM":
-        return order
-    if entry.order_id is not None and entry.item_ids:
-        try:
-            services.client.release_seats(entry.order_id, entry.item_ids)
-        except PermanentError as exc:
-            log.info("fence release refused (%s); reading the order again", exc.code)
-    return _settle(services, entry)
+def _settle_for_failure(services: Services, entry: Entry) -> tuple[Order | None, bool]:
+    """Before failing a purchase whose confirm may have been sent: was it bought?
+
+    Returns the order when it is confirmed, and whether the question is
+    settled. Settled unconfirmed means gone, past PRE_CONFIRM's reach (BASKET or
+    any other status), or fenced by a release Onebox accepted. A release it
+    refused fences nothing: the order is read once more, and if still not
+    confirmed the answer stays open (a late confirm could yet land).
+    """
+    order = _try_settle(services, entry)
+    if isinstance(order, Order) and order.status != "PRE_CONFIRM":
+        return order, True
+    if order is None:
+        return None, True
+    if _fence(services, entry):
+        return None, True
+    again = _try_settle(services, entry)
+    if isinstance(again, Order) and again.status == "CONFIRM":
+        return again, True
+    return None, again is None
+
+
+def _try_settle(services: Services, entry: Entry) -> Order | FulfilmentError | None:
+    try:
+        return _settle(services, entry)
+    except FulfilmentError as exc:
+        log.warning("cannot read the order to settle its confirm: %s", exc)
+        return exc
+
+
+def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError) -> Decision:
+    """Keep asking until the deadline; then say so: ``unsettled``, never ``failed``."""
+    now = services.clock()
+    remaining = entry.submitted_at.timestamp() + services.policy.deadline - now
+    if remaining > 0:
+        services.ledger.record(entry.reference)  # alive: the sweep need not resume it
+        wait = (entry.basket_expires or now) + CLOCK_SKEW_MARGIN - now
+        return RetryIn(min(max(wait, 1.0), services.policy.cap, remaining), "CONFIRM_UNSETTLED")
+    error = ResultError(code="CONFIRM_UNSETTLED",
+                        message=f"a confirm was sent and Onebox could not tell by the deadline "
+                                f"whether it went through ({exc.code}); settle it with "
+                                f"'fulfilment settle {entry.reference}'",
+                        step="confirm", retryable=False, trace_id=exc.trace_id)
+    services.ledger.finish(entry.reference, _result(services, entry, UNSETTLED,
+                                                    order_code=entry.code, error=error))
+    log.error("purchase unsettled: confirm sent, outcome unknown at the deadline (%s)", exc.code)
+    return Proceed()
+
+
+def _reconcile(services: Services, reference: str, exc: PermanentError) -> Decision:
+    """Onebox says our order is past the status the call needs: act on what it holds.
+
+    Only a ledger that lost progress (or an Onebox that moved the order on its
+    own) gets here. Without the order's code it cannot be read, and it may be
+    confirmed: never a new basket, never "failed".
+    """
+    entry = _reread(services, reference)
+    log.warning("Onebox says order %s is past this step (%s): reading it", entry.order_id,
+                exc.code)
+    if entry.code is None:
+        return _unsettled_or_wait(services, entry, exc) if entry.confirm_sent else \
+            _finish_unreadable(services, entry, exc)
+    found = _try_settle(services, entry)
+    if isinstance(found, FulfilmentError):
+        return _retry_or_fail(services, reference, found)
+    if found is None:
+        return _restart_basket(services, reference,
+                               PermanentError("the order is gone", code=ORDER_NOT_FOUND,
+                                              step=exc.step))
+    if found.status == "CONFIRM":
+        _finish_confirmed(services, entry, found)
+        return Proceed()
+    if found.status == "PRE_CONFIRM":
+        services.ledger.record(reference, code=found.code or entry.code, pending=None,
+                               item_ids=_item_ids(found), items_done=len(entry.intent.items),
+                               buyer_set=True, failures=0)
+    else:
+        services.ledger.record(reference, code=None, confirm_sent=False, pending=None)
+    return RetryIn(0.0, "reconciled with Onebox")
+
+
+def _finish_unreadable(services: Services, entry: Entry, exc: PermanentError) -> Decision:
+    """An order of ours past BASKET whose code we never learnt: maybe bought, say so."""
+    error = ResultError(code="ORDER_STATUS_UNKNOWN",
+                        message="Onebox says the order is past the basket but its code was "
+                                "never recorded; it may be confirmed: check it by order id",
+                        step=exc.step, retryable=False, trace_id=exc.trace_id)
+    services.ledger.finish(entry.reference, _result(services, entry, UNSETTLED, error=error))
+    log.error("purchase unsettled: order %s past the basket, code unknown", entry.order_id)
+    return Proceed()
 
 
 def _release(services: Services, entry: Entry, *, probe: bool = False) -> bool:
@@ -478,3 +639,37 @@ def _result(services: Services, entry: Entry, status: str, *, order_code: str | 
         finished_at=datetime.fromtimestamp(services.clock(), UTC),
         metadata=entry.intent.metadata,
     )
+
+
+# --- the operator's settlement -------------------------------------------------------
+def settle(services: Services, reference: str) -> OrderResult | None:
+    """Settle an ``unsettled`` purchase now that Onebox may answer; publish the outcome.
+
+    Reads the order by its code (fencing it if it is still pre-confirmed), and
+    replaces the unsettled outcome by ``confirmed`` or ``failed``, published
+    with the same ``result_id``. Returns the outcome that stands: still
+    ``unsettled`` when Onebox cannot tell yet. Anything else is left as it is.
+    """
+    entry = _reread(services, reference)
+    if entry.outcome is None or entry.outcome.status != UNSETTLED or entry.code is None:
+        return entry.outcome
+    lease = services.leases.take(reference)
+    if lease is None:
+        raise TransientError("a worker holds this intent; try again", code="BUSY")
+    with lease, services.ledger.fenced(lease.key, lease.token), bound(reference=reference,
+                                                                       step="settle"):
+        order, settled = _settle_for_failure(services, entry)
+        if order is not None and order.status == "CONFIRM":
+            outcome = _result(services, entry, CONFIRMED, order_code=order.code or entry.code,
+                              order_id=order.id)
+        elif settled:
+            error = ResultError(code="CONFIRM_NOT_DONE", step="confirm",
+                                message="settled later: Onebox never confirmed the order")
+            outcome = _result(services, entry, FAILED, error=error)
+        else:
+            log.warning("still unsettled: Onebox cannot tell yet")
+            return entry.outcome
+        stands = services.ledger.settle(reference, outcome)
+        _publish(services, reference)
+        log.warning("settled: %s", stands.status)
+        return stands

@@ -2,6 +2,12 @@
 
 All start with the deployment's prefix, so one Redis can hold several
 deployments, or several test runs, side by side.
+
+A key of one intent puts the reference between braces, ``<prefix>:{<ref>}:ledger``:
+no reference may hold a brace and no other key does, so no reference, however
+it is spelled (``open``, ``a:lease``, ``x}:ledger``...), can name a key of ours
+or of another intent. The braces are also a Redis Cluster hash tag: every key
+of one intent lands in one slot.
 """
 
 from __future__ import annotations
@@ -13,9 +19,20 @@ from dataclasses import dataclass
 class Keys:
     prefix: str
 
+    def intent_key(self, reference: str, kind: str) -> str:
+        """A key of one intent; the reference is the hash tag (see the module docstring)."""
+        if "{" in reference or "}" in reference:
+            raise ValueError("a reference cannot hold braces")
+        return f"{self.prefix}:{{{reference}}}:{kind}"
+
     def ledger(self, reference: str) -> str:
         """Hash: where one intent stands."""
-        return f"{self.prefix}:ledger:{reference}"
+        return self.intent_key(reference, "ledger")
+
+    @property
+    def ledger_pattern(self) -> str:
+        """SCAN pattern matching every intent's ledger entry."""
+        return f"{self.prefix}:{{*}}:ledger"
 
     @property
     def open_intents(self) -> str:
@@ -24,7 +41,7 @@ class Keys:
 
     def lease(self, reference: str) -> str:
         """String with expiry: which worker is acting on an intent now."""
-        return f"{self.prefix}:lease:{reference}"
+        return self.intent_key(reference, "lease")
 
     @property
     def intake(self) -> str:

@@ -18,18 +18,21 @@ One Redis hash per intent. Fields: ``intent`` (the payload, JSON),
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
+from fulfilment.errors import PermanentError, TransientError
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
 from schemas.intent import PurchaseIntent, dump_intent, load_intent
@@ -68,15 +71,71 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
 return 'new'
 """
 
-# Write the outcome once. KEYS: ledger key. ARGV: outcome json, now.
-# Returns the outcome that stands (ours, or the one written before).
-_FINISH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+# Every write after admission goes through these scripts: they never re-create
+# an entry that is gone (expired, or lost with a Redis crash), refresh its
+# retention (it lasts as long as it progresses), and, when a lease token is
+# given, refuse a worker whose lease has passed to another (a fenced write).
+# They return -1 when the entry is gone, -2 when the lease is not ours.
+_GUARD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then return -2 end
+"""
+
+# KEYS: ledger, open set, lease. ARGV: now, retention, reference, lease token or '',
+# field to increment or '', then field/value pairs. Returns the incremented count or 0.
+_RECORD = _GUARD + """
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[3])
+if ARGV[5] ~= '' then return redis.call('HINCRBY', KEYS[1], ARGV[5], 1) end
+return 0
+"""
+
+# Write the outcome once. KEYS and the first four ARGV as _RECORD; ARGV[5]: outcome
+# json. Returns the outcome that stands (ours, or the one written before).
+_FINISH = _GUARD + """
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 local existing = redis.call('HGET', KEYS[1], 'outcome')
 if existing then return existing end
-redis.call('HSET', KEYS[1], 'outcome', ARGV[1], 'updated_at', ARGV[2])
-return ARGV[1]
+redis.call('HSET', KEYS[1], 'outcome', ARGV[5], 'updated_at', ARGV[1])
+return ARGV[5]
 """
+
+# Replace an unsettled outcome by the settled one, to be published again.
+# KEYS and ARGV as _FINISH. Returns the outcome that stands.
+_SETTLE = _GUARD + """
+local existing = redis.call('HGET', KEYS[1], 'outcome')
+if existing and cjson.decode(existing)['status'] ~= 'unsettled' then return existing end
+redis.call('HSET', KEYS[1], 'outcome', ARGV[5], 'published', '0', 'updated_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+return ARGV[5]
+"""
+
+# The outcome is on the results queue. KEYS and ARGV as _RECORD.
+_PUBLISHED = _GUARD + """
+redis.call('HSET', KEYS[1], 'published', '1', 'updated_at', ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 0
+"""
+
+
+class UnknownIntentError(PermanentError):
+    """A task names a reference the ledger does not hold (expired, lost, never admitted)."""
+
+    default_code = "UNKNOWN_INTENT"
+
+
+class LeaseLostError(TransientError):
+    """Another worker holds the intent now: this one must stop writing and let go."""
+
+    default_code = "LEASE_LOST"
+
+
+#: The lease whose holder may write, for the thread (or task) at work: see ``fenced``.
+_FENCE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "ledger_fence", default=None)
 
 
 @dataclass(frozen=True)
@@ -120,7 +179,10 @@ class Ledger:
         self._intents: dict[str, PurchaseIntent] = {}
         self._intents_lock = threading.Lock()
         self._admit = client.register_script(_ADMIT)
+        self._record = client.register_script(_RECORD)
         self._finish = client.register_script(_FINISH)
+        self._settle = client.register_script(_SETTLE)
+        self._published = client.register_script(_PUBLISHED)
 
     def admit(self, intent: PurchaseIntent, submitted_at: datetime | None = None) -> Admission:
         """Record a new intent, or say it is a duplicate or a conflicting reuse."""
@@ -140,38 +202,50 @@ class Ledger:
         fields = {text(k): text(v) for k, v in raw.items()}
         return self._entry(reference, fields)
 
+    @contextmanager
+    def fenced(self, lease_key: str, token: str) -> Iterator[None]:
+        """Writes made inside go through only while this lease is still ours."""
+        previous = _FENCE.set((lease_key, token))
+        try:
+            yield
+        finally:
+            _FENCE.reset(previous)
+
     def record(self, reference: str, **changes: Any) -> None:
         """Write progress fields (and mark the intent as having progressed now)."""
-        now = self._clock()
-        mapping: dict[Any, Any] = {name: _encode(v) for name, v in changes.items()}
-        mapping["updated_at"] = repr(now)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.ledger(reference), mapping=mapping)
-            pipe.zadd(self._keys.open_intents, {reference: now}, xx=True)
-            pipe.execute()
+        self._write(self._record, reference, "", *_pairs(changes))
 
     def count_failure(self, reference: str) -> int:
         """One more failure without progress (progress writes ``failures=0``); the count."""
-        return int(self.redis.hincrby(self._keys.ledger(reference), "failures", 1))
+        return int(self._write(self._record, reference, "failures"))
 
     def count_attempt(self, reference: str) -> int:
         """One more step attempt for this intent; returns the total so far."""
-        return int(self.redis.hincrby(self._keys.ledger(reference), "attempts", 1))
+        return int(self._write(self._record, reference, "attempts"))
 
-    def finish(self, reference: str, outcome: OrderResult) -> OrderResult | None:
+    def finish(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Write the outcome unless one stands already; return the one that stands."""
-        stored = self._finish(
-            keys=[self._keys.ledger(reference)],
-            args=[json.dumps(dump_result(outcome), separators=(",", ":")), repr(self._clock())],
-        )
-        return load_result(text(stored)) if stored else None
+        return load_result(text(self._write(self._finish, reference, _result_json(outcome))))
+
+    def settle(self, reference: str, outcome: OrderResult) -> OrderResult:
+        """Replace an ``unsettled`` outcome by a settled one (to be published again)."""
+        return load_result(text(self._write(self._settle, reference, _result_json(outcome))))
 
     def mark_published(self, reference: str) -> None:
         """The outcome is on the results queue: nothing more is owed for this intent."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.ledger(reference), "published", "1")
-            pipe.zrem(self._keys.open_intents, reference)
-            pipe.execute()
+        self._write(self._published, reference)
+
+    def _write(self, script: Any, reference: str, *args: Any) -> Any:
+        fence = _FENCE.get()
+        keys = [self._keys.ledger(reference), self._keys.open_intents,
+                fence[0] if fence else self._keys.lease(reference)]
+        answer = script(keys=keys, args=[repr(self._clock()), self._retention, reference,
+                                         fence[1] if fence else "", *args])
+        if answer == -1:
+            raise UnknownIntentError(f"no ledger entry for reference {reference}")
+        if answer == -2:
+            raise LeaseLostError(f"the lease on {reference} passed to another worker")
+        return answer
 
     def stuck(self, older_than: float, limit: int = 500) -> list[str]:
         """References whose last progress is older than ``older_than`` (epoch seconds)."""
@@ -226,6 +300,14 @@ class Ledger:
 
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
+
+
+def _pairs(changes: Mapping[str, Any]) -> list[str]:
+    return [part for name, value in changes.items() for part in (name, _encode(value))]
+
+
+def _result_json(outcome: OrderResult) -> str:
+    return json.dumps(dump_result(outcome), separators=(",", ":"))
 
 
 def _encode(value: Any) -> str:

@@ -5,6 +5,10 @@ no published outcome lost its message somewhere (a broker restart, a worker
 killed past its visibility timeout, a chain that stalled, a producer that died
 between admitting and dispatching). The sweep dispatches it again; the flow
 resumes it from the ledger, and the lease keeps a late original from racing it.
+
+One sweep at a time (a Redis lock), and it never drops an intent it could not
+read for a passing reason (Redis slow, the task's time limit): only an entry
+that is gone, published, or that no code can ever decode leaves the open set.
 """
 
 from __future__ import annotations
@@ -12,19 +16,43 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import redis
+from marshmallow import ValidationError
+
 from fulfilment.flow import Services
+from fulfilment.keys import Keys
 
 log = logging.getLogger(__name__)
+
+#: Errors that say an entry can never be read: it goes to the failures route.
+UNREADABLE = (ValidationError, ValueError, KeyError, TypeError)
 
 
 def sweep(services: Services, dispatch: Callable[[str], None], *, limit: int = 500) -> list[str]:
     """Dispatch every stuck intent again; return their references."""
+    client = services.ledger.redis
+    lock = client.lock(Keys(services.settings.key_prefix).sweep_lock,
+                       timeout=max(services.settings.sweep_interval * 4, 60.0),
+                       blocking_timeout=0)
+    if not lock.acquire(blocking=False):
+        log.info("another recovery sweep is running")
+        return []
+    try:
+        return _sweep(services, dispatch, limit)
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            log.warning("the sweep's lock expired while it ran")
+
+
+def _sweep(services: Services, dispatch: Callable[[str], None], limit: int) -> list[str]:
     deadline = services.clock() - services.settings.stuck_after
     resumed = []
     for reference in services.ledger.stuck(deadline, limit=limit):
         try:
             entry = services.ledger.get(reference)
-        except Exception as exc:
+        except UNREADABLE as exc:
             log.exception("ledger entry of %s is unreadable; sent to the failures queue",
                           reference)
             services.publisher.publish_failure(f"unreadable ledger entry: {type(exc).__name__}",

@@ -77,6 +77,6 @@ def build_services(settings: Settings, client: redis.Redis | None = None,
         ledger=build_ledger(settings, client),
         publisher=ResultPublisher(connection or broker_connection(settings),
                                   Topology.for_keys(keys)),
-        leases=Leases(client, keys, settings.task_time_limit + 30),
+        leases=Leases(client, keys, settings.lease_ttl),
         policy=RetryPolicy.from_settings(settings),
     )

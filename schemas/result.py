@@ -30,13 +30,16 @@ from schemas._fields import (
 )
 
 __all__ = [
-    "CONFIRMED", "FAILED", "RESULT_ID_NAMESPACE", "STATUSES", "OrderResult", "ResultError",
-    "dump_result", "load_result", "result_id_for",
+    "CONFIRMED", "FAILED", "RESULT_ID_NAMESPACE", "STATUSES", "UNSETTLED", "OrderResult",
+    "ResultError", "dump_result", "load_result", "result_id_for",
 ]
 
 CONFIRMED = "confirmed"
 FAILED = "failed"
-STATUSES = (CONFIRMED, FAILED)
+#: A confirm was sent and Onebox could not say, by the deadline, whether it went
+#: through: maybe bought. ``fulfilment settle`` publishes the settled outcome later.
+UNSETTLED = "unsettled"
+STATUSES = (CONFIRMED, FAILED, UNSETTLED)
 #: Fixed forever: changing it would change every result_id and break consumers' de-duplication.
 RESULT_ID_NAMESPACE = uuid.UUID("756d0722-8bd1-481a-bd58-a77305cc550a")
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -88,7 +91,7 @@ class OrderResult:
 
     def __post_init__(self) -> None:
         problems = _status_problems(self.status, self.order_code is not None,
-                                    self.error is not None)
+                                    self.error is not None, self.order_id is not None)
         for moment in (self.submitted_at, self.finished_at):
             if moment is not None and moment.utcoffset() is None:
                 problems["time"] = ["submitted_at and finished_at must be timezone-aware."]
@@ -96,7 +99,8 @@ class OrderResult:
             raise ValueError(f"inconsistent OrderResult: {problems}")
 
 
-def _status_problems(status: str, has_code: bool, has_error: bool) -> dict[str, list[str]]:
+def _status_problems(status: str, has_code: bool, has_error: bool,
+                     has_order_id: bool) -> dict[str, list[str]]:
     """What contradicts the status; shared by the schema and the dataclass."""
     problems: dict[str, list[str]] = {}
     if status not in STATUSES:
@@ -107,7 +111,10 @@ def _status_problems(status: str, has_code: bool, has_error: bool) -> dict[str, 
         if has_error:
             problems["error"] = ["Must be absent when status is 'confirmed'."]
     elif not has_error:
-        problems["error"] = ["Required when status is 'failed'."]
+        problems["error"] = [f"Required when status is '{status}'."]
+    if status == UNSETTLED and not (has_code or has_order_id):
+        problems["order_code"] = ["order_code or order_id is required when status is "
+                                  "'unsettled'."]
     return problems
 
 
@@ -137,6 +144,9 @@ class OrderResultSchema(StrictSchema):
          "then": {"required": ["order_code"], "not": {"required": ["error"]}}},
         {"if": {"properties": {"status": {"const": FAILED}}, "required": ["status"]},
          "then": {"required": ["error"]}},
+        {"if": {"properties": {"status": {"const": UNSETTLED}}, "required": ["status"]},
+         "then": {"required": ["error"],
+                  "anyOf": [{"required": ["order_code"]}, {"required": ["order_id"]}]}},
     ]}
 
     result_id = Text(required=True, validate=FullMatch(UUID_PATTERN, "Not a lower-case UUID."),
@@ -144,14 +154,19 @@ class OrderResultSchema(StrictSchema):
                                               "the reference): de-duplicate on it."})
     reference = reference_field("The intent's reference.", required=True)
     status = Text(required=True, validate=validate.OneOf(STATUSES), metadata={
-        "description": "confirmed: the order is bought. failed: nothing was bought."})
+        "description": "confirmed: the order is bought. failed: nothing was bought. "
+                       "unsettled: a confirm was sent and Onebox could not tell by the "
+                       "deadline whether it went through (maybe bought: see order_code); "
+                       "a settled result with the same result_id follows once it can."})
     batch = reference_field("The intent's batch, if it had one.")
     order_code = Text(validate=validate.Length(min=1, max=64), metadata={
-        "description": "Onebox's order code; present when confirmed."})
+        "description": "Onebox's order code; present when confirmed, and when unsettled "
+                       "once pre-confirmed."})
     order_id = Text(validate=validate.Length(min=1, max=64), metadata={
         "description": "Onebox's order id, when an order was created."})
     error = fields.Nested(ResultErrorSchema, metadata={
-        "description": "Why the intent failed; present exactly when status is failed."})
+        "description": "Why the intent failed, or why it is unsettled; present exactly "
+                       "when status is failed or unsettled."})
     attempts = StrictInteger(load_default=1, validate=validate.Range(min=1), metadata={
         "description": "How many task runs the purchase took (one or more per stage)."})
     submitted_at = UtcDateTime(metadata={"description": "When the intent was first admitted."})
@@ -161,7 +176,8 @@ class OrderResultSchema(StrictSchema):
 
     @validates_schema
     def _consistent(self, data: dict[str, Any], **kwargs: Any) -> None:
-        problems = _status_problems(data["status"], "order_code" in data, "error" in data)
+        problems = _status_problems(data["status"], "order_code" in data, "error" in data,
+                                    "order_id" in data)
         if problems:
             raise ValidationError(problems)
 

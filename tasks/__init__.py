@@ -4,6 +4,7 @@
 ``submit_many``; both validate before anything is enqueued.
 """
 
+from tasks import startup  # noqa: F401  (the worker's start-up checks)
 from tasks.app import app
 from tasks.producer import submit, submit_many
 

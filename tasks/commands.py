@@ -19,6 +19,7 @@ from kombu import Connection
 
 from fulfilment.cli import cli, load_settings
 from fulfilment.config import Settings
+from fulfilment.errors import ConfigError, FulfilmentError
 from fulfilment.keys import Keys
 from fulfilment.producer import ACCEPTED, DUPLICATE, REFUSED, Submission, describe_errors
 from fulfilment.results import consume_results
@@ -103,6 +104,7 @@ def submit(source: IO[str], quiet: bool) -> None:
     """Enqueue the intents of a JSONL file ('-' for stdin); report what was refused."""
     from tasks.producer import submit_many
 
+    _require_durable()
     counts: Counter[str] = Counter()
     # Streamed: tee keeps one line of lag between the numbers and the submissions.
     numbered, raws = itertools.tee(_lines(source))
@@ -129,6 +131,49 @@ def _say_refused(number: int, submission: Submission) -> None:
     who = submission.reference or "(no reference)"
     details = describe_errors(dict(submission.errors)) or [submission.reason or "refused"]
     click.echo(f"line {number}: {who}: refused: " + "; ".join(details), err=True)
+
+
+def _require_durable() -> None:
+    """Exit with one line unless Redis keeps what it acknowledges (or the check is waived)."""
+    from tasks import runtime
+
+    try:
+        runtime.check_durable_once()
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@cli.command()
+@click.argument("references", nargs=-1, required=True)
+def settle(references: tuple[str, ...]) -> None:
+    """Settle unsettled purchases: read each order now and publish its final outcome.
+
+    A purchase is unsettled when a confirm was sent and Onebox could not say by
+    the deadline whether it went through. Exit code 1 while any stays unsettled.
+    """
+    from fulfilment import flow
+    from tasks import runtime
+
+    open_ones = 0
+    for reference in references:
+        try:
+            outcome = flow.settle(runtime.services(), reference)
+        except FulfilmentError as exc:
+            click.echo(f"{reference}: not settled: {exc.message}", err=True)
+            open_ones += 1
+            continue
+        if outcome is None:
+            click.echo(f"{reference}: no outcome yet (the purchase is still running)")
+        elif outcome.status == "confirmed":
+            click.echo(f"{reference}: confirmed, order code {outcome.order_code}")
+        elif outcome.status == "failed":
+            click.echo(f"{reference}: failed, {outcome.error.code if outcome.error else '?'}")
+        else:
+            click.echo(f"{reference}: still unsettled: Onebox cannot tell yet (order code "
+                       f"{outcome.order_code or '?'})")
+            open_ones += 1
+    if open_ones:
+        raise SystemExit(1)
 
 
 @cli.command()

@@ -44,7 +44,8 @@ def environment(base: Settings, *, broker_url: str | None, concurrency: int = 4,
             sandbox = stack.enter_context(_sandbox(base, port=sandbox_port))
             settings = base.with_overrides(
                 onebox_api_url=sandbox.url, onebox_auth_url="", broker_url=MEMORY_BROKER,
-                key_prefix=f"demo-{uuid.uuid4().hex[:8]}")
+                key_prefix=f"demo-{uuid.uuid4().hex[:8]}",
+                require_durable_redis=False)  # fakeredis: in memory by design
             client: redis.Redis = fakeredis.FakeRedis()
             connection = broker_connection(settings)
         else:

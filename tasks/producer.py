@@ -13,9 +13,15 @@ from tasks import runtime
 
 
 def producer() -> Producer:
+    """The process's producer; the first call checks that Redis keeps what it accepts.
+
+    "Accepted" is a promise: with ``appendfsync always`` Redis answers the
+    admission only once it is on disk, so a host crash cannot take it back.
+    """
     from tasks.purchase import dispatch
 
     services = runtime.services()
+    runtime.check_durable_once()
     return Producer(services.ledger, dispatch, max_quantity=services.settings.max_quantity)
 
 

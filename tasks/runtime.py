@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 
 from fulfilment.config import Settings
+from fulfilment.durability import require_durable
 from fulfilment.flow import Services
 from fulfilment.wiring import build_services
 
 _lock = threading.Lock()
 _services: Services | None = None
 _settings: Settings | None = None
+_durable_checked = False
 
 
 def services() -> Services:
@@ -19,6 +21,16 @@ def services() -> Services:
         if _services is None:
             _services = build_services(_settings or Settings.from_env())
         return _services
+
+
+def check_durable_once() -> None:
+    """Raise ``ConfigError`` unless the ledger's Redis is durable (checked once per process)."""
+    global _durable_checked
+    if _durable_checked:
+        return
+    built = services()
+    require_durable(built.settings, built.ledger.redis)
+    _durable_checked = True
 
 
 def install(prebuilt: Services) -> None:
@@ -30,8 +42,8 @@ def install(prebuilt: Services) -> None:
 
 def reset(settings: Settings | None = None) -> None:
     """Forget the collaborators; the next task builds them anew."""
-    global _services, _settings
+    global _services, _settings, _durable_checked
     with _lock:
-        _services = None
+        _services, _durable_checked = None, False
         if settings is not None:
             _settings = settings

@@ -46,4 +46,7 @@ def settings(sandbox: RunningSandbox, redis_url: str, prefix: str) -> Settings:
     return Settings.defaults().with_overrides(
         onebox_api_url=sandbox.url, redis_url=redis_url, broker_url=redis_url, key_prefix=prefix,
         onebox_read_timeout=5.0,
+        # The machine's Redis keeps nothing on disk; the durable configuration
+        # has tests of its own (test_durability, the chaos suite's host crash).
+        require_durable_redis=False,
     )

@@ -23,7 +23,7 @@ import requests
 from marshmallow import ValidationError
 
 from fulfilment.config import Settings
-from fulfilment.errors import PermanentError, TransientError
+from fulfilment.errors import TransientError
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, parse_retry_after
 from fulfilment.redis_text import text
 from schemas.onebox import load_api_error, load_token
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CLIENT_ID = "seller-channel-client"
 STEP = "token"
+#: Seconds to wait before asking again after Onebox refused our credentials.
+AUTH_RETRY_AFTER = 5.0
 #: Longest a worker waits for another to finish renewing the token.
 LOCK_WAIT = 15.0
 #: Longest a renewal may hold the lock (a crashed holder frees it after this).
@@ -210,6 +212,9 @@ class TokenProvider:
             return TransientError("Onebox's token endpoint is unavailable", code=code,
                                   status=status, trace_id=trace_id, step=STEP,
                                   retry_after=parse_retry_after(response))
-        # Wrong key or channel: no retry will fix it, an operator must.
-        return PermanentError("Onebox refused the channel's credentials", code=code, status=status,
-                              trace_id=trace_id, step=STEP)
+        # Refused credentials. A wrong key stays wrong, but an auth outage or a key
+        # being rotated passes: within the retry deadline it is worth waiting out,
+        # and nothing was bought meanwhile. (A wrong key at start-up is an operator's.)
+        return TransientError("Onebox refused the channel's credentials", code=code,
+                              status=status, trace_id=trace_id, step=STEP,
+                              retry_after=AUTH_RETRY_AFTER)

@@ -21,7 +21,7 @@ from requests.adapters import HTTPAdapter
 
 from fulfilment.config import Settings
 from fulfilment.errors import OutcomeUnknownError, TransientError
-from fulfilment.onebox.auth import TokenProvider
+from fulfilment.onebox.auth import AUTH_RETRY_AFTER, TokenProvider
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, error_for_response
 from schemas.intent import AutoItem, Buyer, SeatRef
 from schemas.onebox import Order, load_order
@@ -124,6 +124,12 @@ class OneboxClient:
             token = self._tokens.get()
             response = self._send(method, step, path, token, order_id=order_id, json=json,
                                   params=params)
+            if response.status_code == 401:
+                # Refused twice: nothing was done. Auth trouble passes (a revocation
+                # racing us, an outage); the flow retries within its deadline.
+                raise TransientError("Onebox refused a fresh token", code="AUTH_REFUSED",
+                                     status=401, trace_id=response.headers.get(TRACE_HEADER),
+                                     step=step, retry_after=AUTH_RETRY_AFTER)
         if not 200 <= response.status_code < 300:
             raise error_for_response(response, step=step, idempotent=method == "GET")
         return response

@@ -152,7 +152,7 @@ def progress(cluster: Cluster) -> int:
     """How many intents have an outcome in the ledger so far."""
     client = redis_client(cluster.settings)
     try:
-        return sum(1 for key in client.scan_iter(f"{cluster.settings.key_prefix}:ledger:*-*",
+        return sum(1 for key in client.scan_iter(cluster.keys.ledger_pattern,
                                                  count=1000)
                    if client.hexists(key, "outcome"))
     finally:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
+import requests
 
 from fulfilment.config import Settings
 from fulfilment.errors import FulfilmentError, OutcomeUnknownError, PermanentError, TransientError
 from fulfilment.onebox import OneboxClient, TokenProvider, build_client
+from fulfilment.onebox.auth import CachedToken
 from fulfilment.onebox.client import new_session
 from fulfilment.sandbox import RunningSandbox
 from schemas.intent import AutoItem, Buyer, SeatRef
@@ -315,15 +318,36 @@ def test_token_expired_on_the_server_is_renewed(settings: Settings, redis_client
         client.close()
 
 
-def test_wrong_api_key_is_permanent(settings: Settings, redis_client: redis.Redis) -> None:
+def test_refused_credentials_are_transient_within_the_deadline(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    # An auth outage or a key being rotated passes: nothing was bought, try again later
     bad = build_client(settings.with_overrides(onebox_api_key="not-the-key"), redis_client)
     try:
-        with pytest.raises(PermanentError) as caught:
+        with pytest.raises(TransientError) as caught:
             bad.create_order()
         assert caught.value.code == "invalid_client"
+        assert caught.value.retry_after
         assert "not-the-key" not in str(caught.value)
     finally:
         bad.close()
+
+
+def test_a_second_401_is_transient(settings: Settings, redis_client: redis.Redis) -> None:
+    # A token refused, renewed, and refused again: auth trouble, not a failed purchase
+    class Refusing(requests.Session):
+        def request(self, method: str | bytes, url: str | bytes,  # type: ignore[override]
+                    *args: Any, **kwargs: Any) -> requests.Response:
+            response = requests.Response()
+            response.status_code = 401
+            response._content = b'{"error": "invalid_token"}'
+            return response
+
+    tokens = TokenProvider(settings, redis_client)
+    client = OneboxClient(settings, tokens, Refusing())
+    tokens._local = CachedToken("t", float("inf"), float("inf"))
+    with pytest.raises(TransientError) as caught:
+        client.create_order()
+    assert caught.value.code == "AUTH_REFUSED"
 
 
 def test_no_secret_or_personal_data_in_logs_or_errors(

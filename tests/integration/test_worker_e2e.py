@@ -32,6 +32,7 @@ def cluster(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
     settings = Settings.defaults().with_overrides(
         onebox_api_url=sandbox.url, redis_url=redis_url, broker_url=redis_url, key_prefix=prefix,
         retry_base_delay=0.05, retry_max_delay=0.5, retry_deadline=120, onebox_read_timeout=2.0,
+        require_durable_redis=False,  # the machine's Redis keeps nothing on disk
     )
     configure(settings)  # this process is the producer
     running = Cluster(settings, sandbox, tmp_path)
@@ -160,7 +161,7 @@ def test_a_bad_intent_is_refused_and_nothing_is_enqueued(cluster: Cluster,
     assert "items" in caught.value.errors
     assert "quantity" in json.dumps(caught.value.errors)
     # Nothing in the ledger, nothing on the task queue
-    assert not redis_client.keys(f"{cluster.settings.key_prefix}:ledger:bad-1")
+    assert not redis_client.exists(cluster.keys.ledger("bad-1"))
     queue_keys = redis_client.keys(f"{cluster.settings.key_prefix}:broker:*purchase*")
     assert all(redis_client.llen(k) == 0 for k in queue_keys
                if redis_client.type(k) == b"list")

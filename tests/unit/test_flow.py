@@ -45,6 +45,8 @@ class FakeOnebox:
     confirms: dict[str, int] = field(default_factory=dict)
     released: list[int] = field(default_factory=list)
     next_item: int = 1
+    #: Onebox refusing to release seats outside BASKET (one of its possible answers).
+    refuse_release: bool = False
 
     def _step(self, step: str, action: Callable[[], Order]) -> Order:
         self.calls.append(step)
@@ -104,9 +106,12 @@ class FakeOnebox:
         def act() -> Order:
             if order_id not in self.orders:
                 raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404)
+            if self.orders[order_id].status == "CONFIRM" or self.refuse_release:
+                raise PermanentError("not in basket", code="DIST0004", status=400,
+                                     step="release")
             self.released.extend(item_ids)
             keep = tuple(i for i in self.orders[order_id].items if i.id not in item_ids)
-            return self._update(order_id, items=keep)
+            return self._update(order_id, items=keep, status="BASKET")
         return self._step("release", act)
 
     def get_order(self, code: str) -> Order:
@@ -390,8 +395,9 @@ def test_giving_up_on_a_sent_confirm_fences_the_order_before_saying_failed(
     world.clock[0] += 10_000  # past the deadline: the next failure gives up
     world.onebox.failures["confirm"] = [TransientError("busy", step="confirm")]
     world.run(reference)
-    # The order was read, its seats released (the fence), read again, then failed
-    assert world.onebox.calls[-4:] == ["confirm", "get_order", "release", "get_order"]
+    # The order was read, its seats released (the fence: Onebox releases no
+    # confirmed order's seats), then failed
+    assert world.onebox.calls[-3:] == ["confirm", "get_order", "release"]
     assert world.onebox.confirms == {}
     assert world.results()[0].status == "failed"
 
@@ -451,3 +457,198 @@ def test_waiting_for_not_found_to_be_conclusive_does_not_use_up_attempts(
     world.run(reference)
     assert world.results()[0].status == "confirmed"
     assert world.onebox.calls.count("create") == 2
+
+
+# --- trust: what a lost write, a late answer or another Onebox answer must not break ---
+def test_no_write_recreates_an_entry_that_is_gone(world: World) -> None:
+    # Given a worker holding the task of an intent whose ledger entry was lost
+    reference = world.submit()
+    world.run(reference, Stage.BASKET)
+    key = world.services.ledger._keys.ledger(reference)
+    world.services.ledger.redis.delete(key)
+    # When it runs, and when anything tries to record progress
+    with pytest.raises(UnknownIntentError):
+        world.run(reference)
+    with pytest.raises(UnknownIntentError):
+        world.services.ledger.record(reference, items_done=1)
+    with pytest.raises(UnknownIntentError):
+        world.services.ledger.count_attempt(reference)
+    # Then the entry stays gone (the task goes to the failures route)
+    assert not world.services.ledger.redis.exists(key)
+
+
+def test_retention_is_refreshed_by_progress(world: World) -> None:
+    reference = world.submit()
+    key = world.services.ledger._keys.ledger(reference)
+    world.services.ledger.redis.expire(key, 5)
+    world.services.ledger.record(reference, items_done=0)
+    assert world.services.ledger.redis.ttl(key) > 3000
+
+
+def test_a_status_conflict_on_a_confirmed_order_is_read_and_reported_confirmed(
+        world: World) -> None:
+    # Given an order Onebox confirmed whose "confirm sent" mark the ledger lost
+    reference = world.submit()
+    world.run(reference, Stage.PRE_CONFIRMED)
+    [order_id] = world.onebox.orders
+    world.onebox.confirm(order_id, reference)
+    # When the flow confirms again and Onebox answers DIST0004
+    decision = world.run(reference)
+    # Then it reads the order by code and reports it confirmed, bought once
+    assert isinstance(decision, Proceed)
+    assert world.onebox.calls[-2:] == ["confirm", "get_order"]
+    assert world.results()[0].status == "confirmed"
+    assert world.onebox.confirms == {reference: 1}
+
+
+def test_a_status_conflict_without_a_code_is_unsettled_never_a_new_basket(
+        world: World) -> None:
+    reference = world.submit()
+    world.run(reference, Stage.BASKET)
+    world.onebox.failures["pre_confirm"] = [
+        PermanentError("status does not allow it", code="DIST0004", step="pre_confirm")]
+    assert isinstance(world.run(reference), Proceed)
+    [result] = world.results()
+    assert result.status == "unsettled" and result.order_id
+    assert result.error is not None and result.error.code == "ORDER_STATUS_UNKNOWN"
+    assert world.onebox.calls.count("create") == 1
+    assert world.onebox.released == []
+
+
+def test_a_refused_release_is_no_fence_and_the_deadline_says_unsettled(world: World) -> None:
+    # Given a confirm of unknown outcome, Onebox unreadable and refusing releases
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    world.onebox.refuse_release = True
+    world.onebox.failures["get_order"] = [TransientError("down", step="get_order")] * 50
+    # When retries run out before the deadline: no "failed", keep asking
+    for _ in range(6):
+        decision = world.run(reference)
+        assert isinstance(decision, RetryIn)
+    assert world.results() == []
+    # And past the deadline: an "unsettled" result with the order code
+    world.clock[0] += 1_000
+    assert isinstance(world.run(reference), Proceed)
+    [unsettled] = world.results()
+    assert unsettled.status == "unsettled" and unsettled.order_code
+    # Then once Onebox answers, the operator settles it: a late confirm landed
+    from fulfilment.flow import settle
+
+    world.onebox.failures["get_order"].clear()
+    [order_id] = world.onebox.orders
+    world.onebox.orders[order_id] = replace(world.onebox.orders[order_id], status="CONFIRM")
+    settled = settle(world.services, reference)
+    assert settled is not None and settled.status == "confirmed"
+    [published] = world.results()
+    assert published.status == "confirmed" and published.result_id == unsettled.result_id
+    assert settle(world.services, reference) == settled  # settling twice changes nothing
+
+
+def test_settle_says_failed_once_the_order_is_fenced(world: World) -> None:
+    from fulfilment.flow import settle
+
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    world.onebox.failures["get_order"] = [TransientError("down", step="get_order")] * 50
+    world.onebox.refuse_release = True
+    world.clock[0] += 1_000
+    world.run(reference)
+    assert world.results()[0].status == "unsettled"
+    world.onebox.failures["get_order"].clear()
+    world.onebox.refuse_release = False
+    settled = settle(world.services, reference)
+    assert settled is not None and settled.status == "failed"
+    assert world.results()[0].status == "failed"
+    assert world.onebox.confirms == {}
+
+
+def test_a_refused_order_read_is_replaced_by_a_fence_and_a_new_basket(world: World) -> None:
+    # Given a confirm of unknown outcome, and the orders-management read refused (403)
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    world.onebox.failures["get_order"] = [
+        PermanentError("forbidden", code="FORBIDDEN_RESOURCE", status=403)] * 5
+    # When the flow resumes: it fences the order by releasing it, and starts again
+    assert isinstance(world.run(reference), RetryIn)
+    assert world.onebox.calls[-2:] == ["get_order", "release"]
+    assert isinstance(world.run(reference), Proceed)
+    # Then it is bought once, on a new basket
+    assert world.results()[0].status == "confirmed"
+    assert world.onebox.confirms == {reference: 1}
+    assert world.onebox.calls.count("create") == 2
+
+
+def test_an_unknown_seats_outcome_always_records_the_orphan_wait(world: World) -> None:
+    # The listing and the release work, but the lost call may still land later
+    reference = world.submit()
+    world.onebox.done_then_raise["seats"] = [OutcomeUnknownError("lost", step="seats")]
+    assert isinstance(world.run(reference, Stage.BASKET), RetryIn)
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and entry.orphan_expires is not None
+    assert entry.orphan_expires > world.clock[0] + 600
+
+
+def test_a_long_basket_hands_over_with_its_progress_instead_of_starting_over(
+        world: World) -> None:
+    # Given a basket of 20 items whose calls take 10 s each (a slow Onebox)
+    items = [{"session_id": 20, "price_type_id": 3, "quantity": 1}] * 20
+    reference = world.submit(items=items)
+    real = world.onebox.add_seats_auto
+
+    def slow(order_id: str, item: AutoItem) -> Order:
+        world.clock[0] += 10
+        return real(order_id, item)
+
+    world.onebox.add_seats_auto = slow  # type: ignore[method-assign]
+    # When a run nears the soft time limit, it hands over to a retry
+    decision = world.run(reference, Stage.BASKET)
+    assert decision == RetryIn(0.0, "HANDED_OVER")
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and 0 < entry.items_done < 20
+    # Then the retry carries on from there: one basket, each item added once
+    assert isinstance(world.run(reference, Stage.BASKET), Proceed)
+    assert world.onebox.calls.count("seats_auto") == 20
+    assert world.onebox.calls.count("create") == 1
+
+
+def test_a_worker_whose_lease_passed_on_cannot_write(world: World) -> None:
+    reference = world.submit()
+    lease = world.services.leases.take(reference)
+    assert lease is not None
+    world.services.ledger.redis.delete(lease.key)  # expired while its holder stalled
+    assert world.services.leases.take(reference) is not None  # another worker has it
+    from fulfilment.ledger import LeaseLostError
+
+    with world.services.ledger.fenced(lease.key, lease.token), pytest.raises(LeaseLostError):
+        world.services.ledger.record(reference, items_done=1)
+
+
+def test_the_sweep_takes_its_lock_and_keeps_what_it_could_not_read(world: World) -> None:
+    import redis
+
+    from fulfilment import recovery
+
+    reference = world.submit()
+    world.clock[0] += 10_000
+    ledger = world.services.ledger
+    # Another sweep holds the lock: this one does nothing
+    lock = ledger.redis.lock(ledger._keys.sweep_lock, timeout=60)
+    assert lock.acquire(blocking=False)
+    dispatched: list[str] = []
+    assert recovery.sweep(world.services, dispatched.append) == []
+    lock.release()
+    # A passing Redis error while reading the entry drops nothing
+    real_get = ledger.get
+
+    def timing_out(ref: str) -> Any:
+        raise redis.TimeoutError("slow")
+
+    ledger.get = timing_out  # type: ignore[method-assign]
+    with pytest.raises(redis.TimeoutError):
+        recovery.sweep(world.services, dispatched.append)
+    ledger.get = real_get  # type: ignore[method-assign]
+    assert ledger.stuck(world.clock[0]) == [reference]
+    assert recovery.sweep(world.services, dispatched.append) == [reference]

@@ -1,0 +1,58 @@
+"""The key space no reference can reach, and the short lease renewed while work runs."""
+
+from __future__ import annotations
+
+import string
+
+import fakeredis
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fulfilment.keys import Keys
+from fulfilment.lease import Leases
+from tests.processes import wait_for
+
+ALPHABET = string.ascii_letters + string.digits + "._:-"
+#: References spelled like the keys we own, and like other intents' keys.
+KEY_LIKE = ["open", "ledger", "ledger:open", "lease", "intake", "intake:processing",
+            "intake:lock", "sweep:lock", "broker", "onebox:token", "a:lease", "x:ledger",
+            "fulfilment:ledger:open", "{x}", "fulfilment.results"]
+references = st.one_of(st.text(ALPHABET, min_size=1, max_size=64),
+                       st.sampled_from([k for k in KEY_LIKE if "{" not in k]))
+prefixes = st.text(string.ascii_letters + string.digits + "_.-", min_size=1, max_size=16)
+
+
+def fixed_keys(keys: Keys) -> set[str]:
+    """Every key of ours that belongs to no single intent."""
+    return {keys.open_intents, keys.intake, keys.intake_processing, keys.intake_lock,
+            keys.sweep_lock, f"{keys.prefix}:onebox:token:0123456789abcdef",
+            f"{keys.prefix}:broker:{keys.task_queue}", f"{keys.prefix}:broker:unacked"}
+
+
+@given(prefixes, references, references)
+def test_no_reference_reaches_a_key_of_ours_or_of_another_intent(
+        prefix: str, first: str, second: str) -> None:
+    keys = Keys(prefix)
+    mine = {keys.ledger(first), keys.lease(first)}
+    assert len(mine) == 2
+    assert not mine & fixed_keys(keys)
+    if first != second:
+        assert not mine & {keys.ledger(second), keys.lease(second)}
+
+
+@given(prefixes, references)
+def test_every_key_of_an_intent_shares_its_hash_tag(prefix: str, reference: str) -> None:
+    keys = Keys(prefix)
+    for key in (keys.ledger(reference), keys.lease(reference)):
+        assert key[key.index("{") + 1:key.index("}")] == reference
+
+
+def test_a_lease_is_renewed_while_held_and_lapses_when_its_holder_dies() -> None:
+    leases = Leases(fakeredis.FakeRedis(), Keys("t"), ttl=0.3)
+    # While held, the heartbeat keeps it past its time to live
+    with leases.take("shop-1") as held:  # type: ignore[union-attr]
+        wait_for(lambda: held.renewals >= 3, timeout=10, what="three renewals")
+        assert leases.take("shop-1") is None
+    assert leases.take("shop-1") is not None  # released on exit
+    # A holder that dies (no heartbeat, no release) frees it within its time to live
+    wait_for(lambda: leases.take("shop-1"), timeout=10, what="the dead holder's lease to lapse")
