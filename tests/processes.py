@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from fulfilment.sandbox import SandboxAdmin
+from tests.hostcrash import CrashReport, build_shim, cut_to_synced
 
 T = TypeVar("T")
 
@@ -112,13 +113,33 @@ def worker_args(queues: list[str], name: str, *, concurrency: int = 2, beat: boo
 class RedisServer(Child):
     """A redis-server of the test's own on a spare port, persisting as production should.
 
-    Append-only file with an fsync every second, as the README tells production
-    to run: the chaos tests restart it and check that nothing is lost.
+    Append-only file with an fsync every second (``appendfsync``), as the README
+    tells production to run: the chaos tests restart it and check that nothing
+    is lost.
+
+    With ``simulate_host_crash`` it runs with tests/fsync_shim.c preloaded, which
+    logs how much of each file every fsync made durable (``sync_log``), and
+    :meth:`crash` then simulates a power cut: see tests/hostcrash.py. AOF
+    rewrites are off in that mode (``--auto-aof-rewrite-percentage 0``): the shim
+    does not model directory entries, so the set of append-only files must not
+    change after start-up.
     """
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, *, appendfsync: str = "everysec",
+                 simulate_host_crash: bool = False) -> None:
+        if appendfsync not in {"always", "everysec", "no"}:
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         self.port = port
         self.directory = directory
+        self.appendfsync = appendfsync
+        self.simulate_host_crash = simulate_host_crash
+        #: The append-only directory (multi-part AOF: manifest, base and incr files).
+        self.aof_dir = directory / "appendonlydir"
+        #: Where the shim logs durable lengths (outside ``aof_dir``: it is not Redis's disk).
+        self.sync_log = directory / "fsync-shim.log"
+        self._shim: Path | None = None
+        if simulate_host_crash:
+            self._shim = build_shim()
         directory.mkdir(parents=True, exist_ok=True)
         self._start_count = 0
         self._spawn()
@@ -127,8 +148,15 @@ class RedisServer(Child):
         self._start_count += 1
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--appendonly", "yes",
-                "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction"]
-        super().__init__(args, self.directory / f"redis-{self._start_count}.log", {})
+                "--appendfsync", self.appendfsync, "--save", "",
+                "--maxmemory-policy", "noeviction"]
+        env: dict[str, str] = {}
+        if self._shim is not None:
+            args += ["--appenddirname", self.aof_dir.name, "--auto-aof-rewrite-percentage", "0",
+                     "--aof-load-truncated", "yes"]
+            preload = " ".join(filter(None, [str(self._shim), os.environ.get("LD_PRELOAD")]))
+            env = {"LD_PRELOAD": preload, "FSYNC_SHIM_LOG": str(self.sync_log)}
+        super().__init__(args, self.directory / f"redis-{self._start_count}.log", env)
         wait_for(self._ping, timeout=20, what="redis-server to answer")
 
     def _ping(self) -> bool:
@@ -149,6 +177,22 @@ class RedisServer(Child):
         """Stop it (it writes its append-only file on the way out) and start it again."""
         super().stop()
         self._spawn()
+
+    def crash(self) -> CrashReport:
+        """Simulate a host crash: SIGKILL, lose every byte of the append-only files
+        that no fsync covered, and start it again on the same port and directory.
+
+        Returns what each file held and kept. Needs ``simulate_host_crash=True``.
+        """
+        if self._shim is None:
+            raise RuntimeError("crash() needs RedisServer(..., simulate_host_crash=True)")
+        self.stopping = True
+        self.kill(signal.SIGKILL)
+        self.process.wait(10)  # reaped: no thread of it is still writing or syncing
+        self._log.close()
+        report = cut_to_synced(self.aof_dir, self.sync_log)
+        self._spawn()
+        return report
 
 
 def child_pids(pid: int) -> list[int]:
