@@ -56,6 +56,8 @@ SEAT_NOT_AVAILABLE = "ORDER_SEAT_NOT_AVAILABLE"
 STATUS_CONFLICT = "DIST0004"
 #: Ours: the order's seats were released, so no confirm can land on it any more.
 ORDER_FENCED = "ORDER_FENCED"
+#: The status an expired basket may still be read with (or it is simply gone).
+EXPIRED = "EXPIRED"
 #: How long an abandoned basket is assumed to live when Onebox did not say.
 DEFAULT_BASKET_TTL = 600.0
 #: Allowance for Onebox's clock and ours disagreeing about an expiry.
@@ -315,7 +317,9 @@ def _settle(services: Services, entry: Entry) -> Order | None:
     """
     assert entry.code is not None
     try:
-        return services.client.get_order(entry.code)
+        order = services.client.get_order(entry.code)
+        # Onebox may keep an expired basket readable: as unconfirmed as one gone.
+        return None if order.status == EXPIRED else order
     except PermanentError as exc:
         if exc.code != ORDER_NOT_FOUND:
             raise

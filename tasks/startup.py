@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery.signals import worker_init
+from celery.signals import celeryd_after_setup
 
 from fulfilment.errors import ConfigError
 from tasks import runtime
 
 
-@worker_init.connect
+@celeryd_after_setup.connect
 def _require_durable_redis(**_: Any) -> None:
     """Exit with one line unless the ledger's Redis keeps what it acknowledged."""
     try:

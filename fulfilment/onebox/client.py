@@ -51,8 +51,12 @@ class OneboxClient:
 
     # --- the purchase steps ---------------------------------------------------
     def create_order(self) -> Order:
-        """A new, empty basket."""
-        return self._order("POST", "create", f"{DISTRIBUTION}/orders")
+        """A new, empty basket.
+
+        Sent with an empty JSON object rather than no body: whether Onebox takes
+        a bodiless POST is unknown, and ``{}`` is what every other call sends.
+        """
+        return self._order("POST", "create", f"{DISTRIBUTION}/orders", json={})
 
     def add_seats(self, order_id: str, seats: Sequence[SeatRef]) -> Order:
         """Add these exact numbered seats to the basket (all or none)."""
