@@ -33,6 +33,7 @@ def cluster(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
         onebox_api_url=sandbox.url, redis_url=redis_url, broker_url=redis_url, key_prefix=prefix,
         retry_base_delay=0.05, retry_max_delay=0.5, retry_deadline=120, onebox_read_timeout=2.0,
         require_durable_redis=False,  # the machine's Redis keeps nothing on disk
+        lease_ttl=3.0,
     )
     configure(settings)  # this process is the producer
     running = Cluster(settings, sandbox, tmp_path)
@@ -247,3 +248,28 @@ def test_a_bad_task_message_goes_to_the_failures_queue_and_the_worker_goes_on(
     assert reasons == ["no ledger entry for reference never-admitted",
                        "task argument is not a reference"]
     assert cluster.collect(references)["after-bad-1"].status == "confirmed"
+
+
+def test_a_killed_workers_intent_is_free_again_within_its_short_lease(
+        cluster: Cluster, redis_client: redis.Redis) -> None:
+    import os
+    import signal
+
+    from tests.processes import child_pids, wait_for
+
+    # Given a worker in the middle of a slow seats call, holding the intent's lease
+    worker = cluster.start_worker(concurrency=1)
+    cluster.sandbox.admin.set_faults({"endpoints": {"seats": {"latency_ms": 1500}}})
+    [reference] = submit_all([intent("killed-1", [numbered(2101)])])
+    lease = cluster.keys.lease(reference)
+    wait_for(lambda: redis_client.exists(lease), timeout=60, what="the worker to take the lease")
+    # When its pool process is killed there (no release, no goodbye)
+    for pid in child_pids(worker.pid):
+        os.kill(pid, signal.SIGKILL)
+    cluster.sandbox.admin.set_faults({})
+    # Then its lease lapses within its short time to live (it was 180 s: the task's
+    # time limit), and the redelivered task buys the intent once
+    assert redis_client.pttl(lease) <= 3000
+    result = cluster.collect({reference}, timeout=60)[reference]
+    assert result.status == "confirmed"
+    cluster.assert_exactly_once({reference})
