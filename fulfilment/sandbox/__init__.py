@@ -18,11 +18,13 @@ from types import TracebackType
 
 from fulfilment.sandbox.admin import SandboxAdmin
 from fulfilment.sandbox.api import SandboxApp, SandboxOptions
+from fulfilment.sandbox.behaviour import Behaviour
 from fulfilment.sandbox.catalogue import Catalogue
 from fulfilment.sandbox.faults import FaultPlan
 from fulfilment.sandbox.http import serve
 
 __all__ = [
+    "Behaviour",
     "Catalogue",
     "FaultPlan",
     "RunningSandbox",
@@ -40,8 +42,10 @@ def _url(host: str, port: int) -> str:
 class RunningSandbox:
     """A sandbox serving from a thread of this process; ``stop()`` ends it."""
 
-    def __init__(self, host: str, port: int, options: SandboxOptions) -> None:
+    def __init__(self, host: str, port: int, options: SandboxOptions,
+                 clock: Callable[[], float] | None = None) -> None:
         self._options = options
+        self._clock = clock
         self._host = host
         self._wanted_port = port
         self._started = threading.Event()
@@ -79,8 +83,9 @@ class RunningSandbox:
             self.port = port
             self._started.set()
 
-        await serve(SandboxApp(self._options), self._host, self._wanted_port,
-                    self._stop_event, ready)
+        app = (SandboxApp(self._options) if self._clock is None
+               else SandboxApp(self._options, clock=self._clock))
+        await serve(app, self._host, self._wanted_port, self._stop_event, ready)
 
     def stop(self) -> None:
         """Stop serving and wait for the thread; calling it again does nothing."""
@@ -102,10 +107,17 @@ class RunningSandbox:
 
 
 def start_in_thread(
-    options: SandboxOptions | None = None, host: str = "127.0.0.1", port: int = 0
+    options: SandboxOptions | None = None, host: str = "127.0.0.1", port: int = 0,
+    *, clock: Callable[[], float] | None = None,
 ) -> RunningSandbox:
-    """Start a sandbox in a daemon thread; return once it is listening."""
-    running = RunningSandbox(host, port, options or SandboxOptions())
+    """Start a sandbox in a daemon thread; return once it is listening.
+
+    ``clock`` (default ``time.time``) is the wall clock of orders, baskets and
+    tokens: a test may pass one it moves by hand to make expiry and the
+    orders-management lag deterministic (it must be safe to read from the
+    sandbox's thread). Injected delays still take real time.
+    """
+    running = RunningSandbox(host, port, options or SandboxOptions(), clock)
     running._start()
     return running
 

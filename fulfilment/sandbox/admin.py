@@ -76,7 +76,9 @@ class SandboxAdmin:
         return result
 
     def configure(self, **settings: Any) -> dict[str, Any]:
-        """Change ``token_ttl``, ``basket_ttl`` or ``max_items``; returns the settings."""
+        """Change ``token_ttl``, ``basket_ttl``, ``max_items`` or any ``Behaviour`` switch
+        (``configure(repeat_status_call="idempotent", orders_mgmt_lag_ms=500)``); all or
+        nothing is applied. Returns every setting and switch as they now stand."""
         result: dict[str, Any] = self._call("POST", "config", json=settings)
         return result
 

@@ -4,7 +4,9 @@
 or a control endpoint, applies the fault plan, checks the bearer token, turns
 JSON into typed arguments for ``SandboxState`` and the result back into JSON.
 Field checks live here (they are about the wire format); the rules about
-orders and seats live in ``state.py``.
+orders and seats live in ``state.py``. Where the real API's answer is unknown,
+the ``Behaviour`` switches (``behaviour.py``) choose; those about the wire
+format are applied here, the others in ``state.py``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
+from fulfilment.sandbox.behaviour import DEFAULT, Behaviour, BehaviourError
 from fulfilment.sandbox.catalogue import Catalogue
 from fulfilment.sandbox.faults import OK, Decision, FaultInjector, FaultPlan, FaultPlanError
 from fulfilment.sandbox.http import Request, Response
-from fulfilment.sandbox.state import ApiError, Order, SandboxState
+from fulfilment.sandbox.state import (
+    ADD,
+    CONFIRM_CALL,
+    PRE_CONFIRM_CALL,
+    RELEASE,
+    ApiError,
+    Order,
+    SandboxState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,8 @@ DIST = "/distribution-api/v1"
 GET_ORDER_PREFIX = "/orders-mgmt-api/v1/orders/"
 CONTROL = "/__sandbox"
 CLIENT_ID = "seller-channel-client"
+#: The settings ``/__sandbox/config`` takes besides the ``Behaviour`` switches.
+SETTINGS = ("token_ttl", "basket_ttl", "max_items")
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -49,6 +62,7 @@ class SandboxOptions:
     catalogue: Catalogue = field(default_factory=Catalogue.default, repr=False)
     faults: FaultPlan = field(default_factory=FaultPlan)
     seed: int | None = None
+    behaviour: Behaviour = DEFAULT
 
 
 class OAuthError(Exception):
@@ -124,11 +138,13 @@ def _optional_str(data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-def _json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object; an empty body is ``{}``."""
+def _json_body(request: Request, *, empty_ok: bool = True) -> dict[str, Any]:
+    """The request's JSON object; an empty body is ``{}`` (or, unless ``empty_ok``, 400)."""
     body = request.body
     if not body.strip():
-        return {}
+        if empty_ok:
+            return {}
+        raise ApiError(400, "DIST0001", "the body must be a JSON object")
     content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if content_type != "application/json":
         raise ApiError(415, "DIST0003", "Content-Type must be application/json")
@@ -154,6 +170,7 @@ class SandboxApp:
         self.state = SandboxState(options.catalogue, basket_ttl=options.basket_ttl,
                                   max_items=options.max_items, clock=clock,
                                   rng=random.Random(options.seed))
+        self.behaviour = options.behaviour
         self.tokens = TokenStore(clock)
         self.token_ttl = options.token_ttl
         self.requests: dict[str, int] = {}
@@ -198,9 +215,28 @@ class SandboxApp:
         decision = self.faults.decide(endpoint)
         if decision is OK:
             return self._call(route, request)
-        if decision.latency > 0 or (decision.outcome == "slow_after" and decision.slow_after > 0):
+        outcome = decision.outcome
+        if (decision.latency > 0 or (outcome == "slow_after" and decision.slow_after > 0)
+                or (outcome == "late" and decision.late > 0)):
             return self._delayed(route, request, decision)
         return self._outcome(route, request, decision)
+
+    @property
+    def behaviour(self) -> Behaviour:
+        """The switches in force (``docs/sandbox.md``, "Switches")."""
+        return self._behaviour
+
+    @behaviour.setter
+    def behaviour(self, behaviour: Behaviour) -> None:
+        self._behaviour = behaviour
+        self.state.behaviour = behaviour
+        self._empty_ok = behaviour.empty_body == "as_object"
+        self._create_checks_body = behaviour.create_body == "checked"
+        self._status_first = behaviour.check_order == "status_first"
+        self._touch_refused = behaviour.refused_calls_touch
+        self._rate_required = behaviour.missing_rate_id == "required"
+        self._seat_status = behaviour.seat_unavailable_status
+        self._mgmt_read = behaviour.orders_mgmt_read
 
     def _respond(self, status: int, doc: Any, headers: list[tuple[str, str]] | None = None,
                  ) -> Response:
@@ -221,19 +257,43 @@ class SandboxApp:
                 self._authorise(request)
             return self._respond(200, route.handler(request))
         except ApiError as exc:
-            return self._error(exc.status, exc.code, exc.message)
+            status = exc.status
+            if exc.code == "ORDER_SEAT_NOT_AVAILABLE":
+                status = self._seat_status
+            return self._error(status, exc.code, exc.message)
         except OAuthError as exc:
-            headers = ([("WWW-Authenticate", f'Bearer error="{exc.error}"')]
-                       if exc.status == 401 else None)
-            return self._respond(exc.status, {"error": exc.error,
-                                              "error_description": exc.description}, headers)
+            return self._oauth_error(exc)
         except Exception:
             log.exception("sandbox endpoint %s failed", route.endpoint)
             return self._error(500, "DIST0000", "internal error")
 
+    def _oauth_error(self, exc: OAuthError) -> Response:
+        headers = ([("WWW-Authenticate", f'Bearer error="{exc.error}"')]
+                   if exc.status == 401 else None)
+        return self._respond(exc.status, {"error": exc.error,
+                                          "error_description": exc.description}, headers)
+
     def _outcome(self, route: Route, request: Request, decision: Decision) -> Response:
-        """Apply an injected outcome (latency already waited)."""
+        """Apply an injected outcome (latency, and a late call's wait, already waited)."""
+        refusal = self._injected_refusal(route, decision)
+        if refusal is not None:
+            return refusal
+        response = self._call(route, request)
+        if decision.outcome == "lost_response":
+            return Response(0, drop=True)
+        return response
+
+    def _injected_refusal(self, route: Route, decision: Decision) -> Response | None:
+        """The answer of an outcome that does nothing (401, 403, 429, 500, 503), else None."""
         outcome = decision.outcome
+        if outcome == "error_401":
+            return self._oauth_error(
+                OAuthError(401, "invalid_client", "bad client credentials (injected)")
+                if route.endpoint == "token" else
+                OAuthError(401, "invalid_token", "the token is unknown, expired or revoked"
+                                                 " (injected)"))
+        if outcome == "error_403":
+            return self._error(403, "FORBIDDEN_RESOURCE", "access denied (injected)")
         if outcome == "error_500":
             return self._error(500, "DIST0000", "internal error (injected)")
         if outcome == "error_503":
@@ -242,14 +302,15 @@ class SandboxApp:
         if outcome in ("throttle_429", "rate_limit"):
             return self._error(429, "TOO_MANY_REQUESTS", "too many requests",
                                [_retry_after(decision.retry_after)])
-        response = self._call(route, request)
-        if outcome == "lost_response":
-            return Response(0, drop=True)
-        return response
+        return None
 
     async def _delayed(self, route: Route, request: Request, decision: Decision) -> Response:
-        if decision.latency > 0:
-            await asyncio.sleep(decision.latency)
+        # A late call waits before doing the work: its client has given up by then and
+        # its other calls land first. The HTTP layer never cancels this when the client
+        # goes away, so the work is done all the same.
+        wait = decision.latency + (decision.late if decision.outcome == "late" else 0.0)
+        if wait > 0:
+            await asyncio.sleep(wait)
         response = self._outcome(route, request, decision)
         if decision.outcome == "slow_after" and decision.slow_after > 0:
             await asyncio.sleep(decision.slow_after)
@@ -294,19 +355,39 @@ class SandboxApp:
             "jti": str(uuid.uuid4()),
         }
 
-    def _order(self, request: Request) -> Order:
+    def _body(self, request: Request) -> dict[str, Any]:
+        return _json_body(request, empty_ok=self._empty_ok)
+
+    def _order(self, request: Request, call: str, action: str) -> Order:
+        """The order named in ``ob-order-id``; with ``check_order=status_first`` its
+        status is checked here, before the fields."""
         order_id = request.headers.get("ob-order-id", "").strip()
         if not order_id:
             raise ApiError(400, "PARAMETER_REQUIRED", "header ob-order-id is required")
-        return self.state.order(order_id)
+        order = self.state.order(order_id, touch=self._touch_refused)
+        if self._status_first:
+            self.state.check_status(order, call, action)
+        return order
+
+    def _answer(self, order: Order) -> dict[str, Any]:
+        """A call on ``order`` succeeded: touch it if refusals do not, and render it."""
+        if not self._touch_refused:
+            self.state.touch(order)
+        return self.state.render(order)
+
+    def _rate_id(self, data: Mapping[str, Any]) -> int | None:
+        if self._rate_required:
+            return _int(_required(data, "rate_id"), "rate_id")
+        return _optional_int(data, "rate_id")
 
     def _create(self, request: Request) -> dict[str, Any]:
-        _json_body(request)
+        if self._create_checks_body:
+            self._body(request)
         return self.state.render(self.state.create_order())
 
     def _seats(self, request: Request) -> dict[str, Any]:
-        data = _json_body(request)
-        order = self._order(request)
+        data = self._body(request)
+        order = self._order(request, ADD, "add seats to")
         raw_seats = _required(data, "seats")
         if not isinstance(raw_seats, list) or not raw_seats:
             raise ApiError(400, "DIST0005", "seats must be a non-empty list")
@@ -316,23 +397,23 @@ class SandboxApp:
                 raise ApiError(400, "DIST0005", "each seat must be an object")
             seats.append((_int(_required(raw, "id"), "id"),
                           _int(_required(raw, "session_id"), "session_id"),
-                          _optional_int(raw, "rate_id")))
+                          self._rate_id(raw)))
         self.state.add_seats(order, seats)
-        return self.state.render(order)
+        return self._answer(order)
 
     def _seats_auto(self, request: Request) -> dict[str, Any]:
-        data = _json_body(request)
-        order = self._order(request)
+        data = self._body(request)
+        order = self._order(request, ADD, "add seats to")
         session_id = _int(_required(data, "session_id"), "session_id")
         price_type_id = _int(_required(data, "price_type_id"), "price_type_id")
         quantity = _int(_required(data, "quantity"), "quantity")
         self.state.add_seats_auto(order, session_id, price_type_id, quantity,
-                                  _optional_int(data, "rate_id"))
-        return self.state.render(order)
+                                  self._rate_id(data))
+        return self._answer(order)
 
     def _buyer_data(self, request: Request) -> dict[str, Any]:
-        data = _json_body(request)
-        order = self._order(request)
+        data = self._body(request)
+        order = self._order(request, ADD, "set the buyer of")
         email = _required(data, "email")
         if not isinstance(email, str) or "@" not in email:
             raise ApiError(400, "DIST0005", "email must be an e-mail address")
@@ -340,25 +421,25 @@ class SandboxApp:
             if value is not None and not isinstance(value, str):
                 raise ApiError(400, "DIST0005", f"{key} must be a string")
         self.state.set_buyer(order, data)
-        return self.state.render(order)
+        return self._answer(order)
 
     def _pre_confirm(self, request: Request) -> dict[str, Any]:
-        data = _json_body(request)
-        order = self._order(request)
+        data = self._body(request)
+        order = self._order(request, PRE_CONFIRM_CALL, "pre-confirm")
         self.state.pre_confirm(order, _optional_str(data, "delivery_method"))
-        return self.state.render(order)
+        return self._answer(order)
 
     def _confirm(self, request: Request) -> dict[str, Any]:
-        data = _json_body(request)
-        order = self._order(request)
+        data = self._body(request)
+        order = self._order(request, CONFIRM_CALL, "confirm")
         payments = data.get("payments")
         if payments is not None and not isinstance(payments, list):
             raise ApiError(400, "DIST0005", "payments must be a list")
         self.state.confirm(order, _optional_str(data, "external_code"), payments)
-        return self.state.render(order)
+        return self._answer(order)
 
     def _release(self, request: Request) -> dict[str, Any]:
-        order = self._order(request)
+        order = self._order(request, RELEASE, "release seats of")
         raw_ids = parse_qs(request.query).get("id", [])
         if not raw_ids:
             raise ApiError(400, "PARAMETER_REQUIRED", "at least one id is required")
@@ -367,11 +448,17 @@ class SandboxApp:
         except ValueError as exc:
             raise ApiError(400, "DIST0005", "id must be an integer") from exc
         self.state.release(order, item_ids)
-        return self.state.render(order)
+        return self._answer(order)
 
     def _get_order(self, request: Request) -> dict[str, Any]:
+        if self._mgmt_read != "ok":
+            if self._mgmt_read == "401":
+                raise OAuthError(401, "invalid_token",
+                                 "the token is not valid for the orders-management API")
+            raise ApiError(403, "FORBIDDEN_RESOURCE",
+                           "the channel may not use the orders-management API")
         code = unquote(request.path[len(GET_ORDER_PREFIX):])
-        return self.state.render(self.state.order_by_code(code))
+        return self.state.read_by_code(code)
 
     # -- control endpoints -----------------------------------------------------
 
@@ -417,13 +504,18 @@ class SandboxApp:
 
     def _get_config(self, _: Request) -> dict[str, Any]:
         return {"token_ttl": self.token_ttl, "basket_ttl": self.state.basket_ttl,
-                "max_items": self.state.max_items}
+                "max_items": self.state.max_items, **self.behaviour.to_dict()}
 
     def _set_config(self, request: Request) -> dict[str, Any]:
         data = _json_body(request)
-        unknown = set(data) - {"token_ttl", "basket_ttl", "max_items"}
+        switches = Behaviour.keys()
+        unknown = set(data) - set(SETTINGS) - set(switches)
         if unknown:
             raise ApiError(400, "DIST0005", f"unknown settings {sorted(unknown)}")
+        try:
+            behaviour = self.behaviour.replace({k: v for k, v in data.items() if k in switches})
+        except BehaviourError as exc:
+            raise ApiError(400, "DIST0005", str(exc)) from exc
         for key in ("token_ttl", "basket_ttl"):
             value = data.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
@@ -439,6 +531,9 @@ class SandboxApp:
             self.state.basket_ttl = float(data["basket_ttl"])
         if max_items is not None:
             self.state.max_items = max_items
+        if behaviour is not self.behaviour:
+            self.state.sweep()  # baskets already due go under the old switches
+            self.behaviour = behaviour
         return self._get_config(request)
 
     def _revoke(self, _: Request) -> dict[str, Any]:
@@ -450,6 +545,7 @@ class SandboxApp:
         self.state.basket_ttl = options.basket_ttl
         self.state.max_items = options.max_items
         self.token_ttl = options.token_ttl
+        self.behaviour = options.behaviour
         self.tokens.revoke_all()
         self.tokens.issued = 0
         self.requests.clear()

@@ -16,6 +16,7 @@ import click
 
 from fulfilment.sandbox import serve_forever
 from fulfilment.sandbox.api import SandboxOptions
+from fulfilment.sandbox.behaviour import Behaviour, BehaviourError
 from fulfilment.sandbox.catalogue import Catalogue, CatalogueError
 from fulfilment.sandbox.faults import FaultPlan
 
@@ -45,9 +46,13 @@ def _load_faults(value: str) -> FaultPlan:
 @click.option("--basket-ttl", default=600.0, show_default=True, type=float,
               help="Seconds an untouched basket lives.")
 @click.option("--seed", type=int, default=None, help="Seed for ids and random faults.")
+@click.option("--behaviour", "switches", multiple=True, metavar="KEY=VALUE",
+              help="Set a switch where the real API is unknown (repeatable), e.g. "
+                   "--behaviour repeat_status_call=idempotent; see docs/sandbox.md, "
+                   f"Switches. Keys: {', '.join(Behaviour.keys())}.")
 def sandbox(*, host: str, port: int, catalogue_path: str | None, faults_spec: str | None,
             api_key: str, channel_id: str, token_ttl: float, basket_ttl: float,
-            seed: int | None) -> None:
+            seed: int | None, switches: tuple[str, ...]) -> None:
     """Serve the Onebox sandbox until SIGTERM or SIGINT."""
     try:
         catalogue = Catalogue.load(catalogue_path) if catalogue_path else Catalogue.default()
@@ -59,9 +64,13 @@ def sandbox(*, host: str, port: int, catalogue_path: str | None, faults_spec: st
         raise click.BadParameter(str(exc), param_hint="--faults") from exc
     if token_ttl <= 0 or basket_ttl <= 0:
         raise click.BadParameter("TTLs must be > 0")
+    try:
+        behaviour = Behaviour().with_assignments(switches)
+    except BehaviourError as exc:
+        raise click.BadParameter(str(exc), param_hint="--behaviour") from exc
     options = SandboxOptions(api_key=api_key, channel_id=channel_id, token_ttl=token_ttl,
                              basket_ttl=basket_ttl, catalogue=catalogue, faults=faults,
-                             seed=seed)
+                             seed=seed, behaviour=behaviour)
 
     def ready(url: str) -> None:
         sys.stdout.write(f"sandbox listening on {url}\n")

@@ -21,9 +21,12 @@ from typing import Any
 ENDPOINTS = ("token", "create", "seats", "seats_auto", "buyer_data", "pre_confirm",
              "confirm", "release", "get_order")
 #: What a script entry may say.
-OUTCOMES = ("ok", "error_500", "error_503", "throttle_429", "lost_response", "slow_after")
-#: Outcomes that may be drawn at random, each with its own probability.
-_RANDOM_OUTCOMES = ("error_500", "error_503", "throttle_429", "lost_response", "slow_after")
+OUTCOMES = ("ok", "error_500", "error_503", "throttle_429", "lost_response", "slow_after",
+            "late", "error_401", "error_403")
+#: Outcomes that may be drawn at random, each with its own probability. New ones go at
+#: the end, so a seeded plan that does not use them draws exactly as before.
+_RANDOM_OUTCOMES = ("error_500", "error_503", "throttle_429", "lost_response", "slow_after",
+                    "late", "error_401", "error_403")
 
 
 class FaultPlanError(ValueError):
@@ -49,8 +52,12 @@ class EndpointFaults:
     throttle_429: float = 0.0
     lost_response: float = 0.0
     slow_after: float = 0.0
+    late: float = 0.0
+    error_401: float = 0.0
+    error_403: float = 0.0
     retry_after: float = 1.0
     slow_after_ms: float = 1000.0
+    late_ms: float = 3000.0
     script: tuple[str, ...] = ()
 
     @classmethod
@@ -161,12 +168,17 @@ class FaultPlan:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What to do with one call: wait ``latency``, then ``outcome``."""
+    """What to do with one call: wait ``latency``, then ``outcome``.
+
+    ``slow_after`` is how long a ``slow_after`` call waits after doing the work,
+    ``late`` how long a ``late`` call waits before doing it (seconds).
+    """
 
     outcome: str  # "ok", one of OUTCOMES, or "rate_limit"
     latency: float = 0.0
     slow_after: float = 0.0
     retry_after: float = 0.0
+    late: float = 0.0
 
 
 #: The decision for every call when nothing is configured.
@@ -217,7 +229,8 @@ class FaultInjector:
         retry_after = faults.retry_after
         if outcome == "rate_limit":
             retry_after = self._rate_limit_retry_after()
-        return Decision(outcome, latency / 1000.0, faults.slow_after_ms / 1000.0, retry_after)
+        return Decision(outcome, latency / 1000.0, faults.slow_after_ms / 1000.0, retry_after,
+                        faults.late_ms / 1000.0)
 
     def _draw(self, faults: EndpointFaults) -> str:
         draw = self._rng.random()

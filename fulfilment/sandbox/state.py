@@ -7,6 +7,10 @@ whose time is up, oldest touch first, so nobody can observe a basket that
 should be gone. A basket's deadline is its last touch plus the *current*
 ``basket_ttl``; that keeps open orders sorted by deadline in touch order even
 when the TTL is changed at run time, so the sweep stays O(expired).
+
+Where the real API's behaviour is unknown, ``SandboxState.behaviour`` (a
+``Behaviour``) picks the answer; the setter caches what the hot path tests, so
+the defaults cost one attribute check per call.
 """
 
 from __future__ import annotations
@@ -20,12 +24,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fulfilment.sandbox.behaviour import DEFAULT, Behaviour
 from fulfilment.sandbox.catalogue import Catalogue, Rate, Session
 
 BASKET = "BASKET"
 PRE_CONFIRM = "PRE_CONFIRM"
 CONFIRM = "CONFIRM"
+EXPIRED = "EXPIRED"
 STATUSES = (BASKET, PRE_CONFIRM, CONFIRM)
+
+#: What a status check guards (see ``SandboxState.check_status``).
+ADD, PRE_CONFIRM_CALL, CONFIRM_CALL, RELEASE = "add", "pre_confirm", "confirm", "release"
 
 _CODE_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
@@ -58,6 +67,10 @@ class Item:
     seat_id: int | None
     price: float
     doc: dict[str, Any]
+    #: How many places the item holds (more than 1 only with ``seats_auto_items=per_call``).
+    places: int = 1
+    #: The numbered seats it holds beyond ``seat_id`` (per-call seats-auto items).
+    extra_seats: tuple[int, ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -75,6 +88,9 @@ class Order:
     delivery_method: str | None = None
     payments: list[Any] | None = None
     currency: str = "EUR"
+    #: (when, order document) after each change, kept only while the orders-management
+    #: read lags (``orders_mgmt_lag_ms``); the read shows the newest one old enough.
+    versions: list[tuple[float, dict[str, Any]]] | None = None
 
 
 class SessionStock:
@@ -131,23 +147,36 @@ class SessionStock:
         return list[int | None](taken)
 
     def release(self, item: Item) -> None:
-        """Give a held item's seat or place back."""
+        """Give a held item's seats or places back."""
         if item.seat_id is None:
-            self.cap_held[item.price_type_id] -= 1
+            self.cap_held[item.price_type_id] -= item.places
         else:
+            free = self._free[item.price_type_id]
             self.held.pop(item.seat_id, None)
-            heapq.heappush(self._free[item.price_type_id], item.seat_id)
+            heapq.heappush(free, item.seat_id)
+            for seat_id in item.extra_seats:
+                self.held.pop(seat_id, None)
+                heapq.heappush(free, seat_id)
 
     def sell(self, item: Item, order_id: str) -> bool:
-        """Turn a held item into a sale; False if that seat was already sold."""
+        """Turn a held item into a sale; False if one of its seats was already sold."""
         if item.seat_id is None:
-            self.cap_held[item.price_type_id] -= 1
-            self.cap_sold[item.price_type_id] += 1
-            return self.cap_sold[item.price_type_id] <= self.session.capacity[item.price_type_id]
-        self.held.pop(item.seat_id, None)
-        if item.seat_id in self.sold:
+            pt = item.price_type_id
+            self.cap_held[pt] -= item.places
+            self.cap_sold[pt] += item.places
+            return self.cap_sold[pt] <= self.session.capacity[pt]
+        if item.extra_seats:
+            fresh = True
+            for seat_id in (item.seat_id, *item.extra_seats):
+                fresh &= self._sell_seat(seat_id, order_id)
+            return fresh
+        return self._sell_seat(item.seat_id, order_id)
+
+    def _sell_seat(self, seat_id: int, order_id: str) -> bool:
+        self.held.pop(seat_id, None)
+        if seat_id in self.sold:
             return False
-        self.sold[item.seat_id] = order_id
+        self.sold[seat_id] = order_id
         return True
 
     def inventory(self) -> dict[str, Any]:
@@ -193,6 +222,7 @@ class SandboxState:
         max_items: int = 1000,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        behaviour: Behaviour = DEFAULT,
     ) -> None:
         self.catalogue = catalogue
         self.basket_ttl = basket_ttl
@@ -200,7 +230,37 @@ class SandboxState:
         self._clock = clock
         self._rng = rng or random.Random()
         self._iso = _IsoClock()
+        self._lag = 0.0
         self.reset()
+        self.behaviour = behaviour
+
+    @property
+    def behaviour(self) -> Behaviour:
+        """The switches in force; setting them applies at once."""
+        return self._behaviour
+
+    @behaviour.setter
+    def behaviour(self, behaviour: Behaviour) -> None:
+        self._behaviour = behaviour
+        lag = behaviour.orders_mgmt_lag_ms / 1000.0
+        if lag and not self._lag:
+            # History starts now: what every coded order shows is already visible.
+            for order in self._by_code.values():
+                order.versions = [(-math.inf, self._snapshot(order))]
+        elif not lag and self._lag:
+            for order in self._by_code.values():
+                order.versions = None
+        self._lag = lag
+        self._idempotent = behaviour.repeat_status_call == "idempotent"
+        self._release_refuse = behaviour.release_outside_basket == "refuse"
+        self._expired_readable = behaviour.expired_orders == "readable"
+        self._reads_touch = behaviour.reads_touch
+        self._per_call = behaviour.seats_auto_items == "per_call"
+        self._merge_buyer = behaviour.buyer_data == "merge"
+        self._change_pre_confirmed = behaviour.change_pre_confirmed == "to_basket"
+        self._new_code = behaviour.code_after_basket == "new"
+        self._ignore_unknown = behaviour.release_unknown_items == "ignore"
+        self._confirmed_only = behaviour.orders_mgmt_scope == "confirmed"
 
     def reset(self) -> None:
         """Forget every order, hold and sale; keep the catalogue and settings."""
@@ -210,6 +270,7 @@ class SandboxState:
         self._stock = {sid: SessionStock(s) for sid, s in self.catalogue.sessions.items()}
         self._next_item_id = 1
         self._expired = 0
+        self._expired_docs: dict[str, dict[str, Any]] = {}
         self._confirmed_by_ref: dict[str, list[str]] = {}
         self._confirmed_without_ref = 0
         self._sold_by_session: dict[int, int] = {}
@@ -230,6 +291,12 @@ class SandboxState:
         return now
 
     def _expire(self, order: Order) -> None:
+        if self._expired_readable and order.code is not None:
+            doc = self._snapshot(order)
+            doc["status"] = {"type": EXPIRED, "expires_in": None}
+            for item in doc["items"]:
+                item["state"] = "RELEASED"
+            self._expired_docs[order.code] = doc
         del self._open[order.id]
         del self.orders[order.id]
         if order.code is not None:
@@ -247,24 +314,81 @@ class SandboxState:
         self._open[order_id] = order
         return order
 
-    def order(self, order_id: str) -> Order:
-        """The order a distribution call names; the call touches it (its expiry restarts)."""
+    def order(self, order_id: str, *, touch: bool = True) -> Order:
+        """The order a distribution call names; with ``touch`` its expiry restarts."""
         now = self.sweep()
         order = self.orders.get(order_id)
         if order is None:
             raise ApiError(404, "ORDER_NOT_FOUND", f"order {order_id} not found")
-        if order.status != CONFIRM:
+        if touch and order.status != CONFIRM:
             order.touched = now
             self._open.move_to_end(order_id)
         return order
 
+    def touch(self, order: Order) -> None:
+        """Restart an open order's expiry (a no-op for a confirmed or expired one)."""
+        if order.status != CONFIRM and order.id in self._open:
+            order.touched = self._clock()
+            self._open.move_to_end(order.id)
+
     def order_by_code(self, code: str) -> Order:
-        """The order with that code (reading does not touch it)."""
+        """The live order with that code (reading does not touch it)."""
         self.sweep()
         order = self._by_code.get(code)
         if order is None:
             raise ApiError(404, "ORDER_NOT_FOUND", f"order {code} not found")
         return order
+
+    def read_by_code(self, code: str) -> dict[str, Any]:
+        """The order document the orders-management read answers, switches applied."""
+        now = self.sweep()
+        order = self._by_code.get(code)
+        doc: dict[str, Any] | None
+        if order is None:
+            doc = self._expired_docs.get(code) if self._expired_readable else None
+        else:
+            if self._reads_touch:
+                self.touch(order)
+            doc = self._lagged(order, now) if self._lag else self.render(order)
+        if doc is None or (self._confirmed_only and doc["status"]["type"] != CONFIRM):
+            raise ApiError(404, "ORDER_NOT_FOUND", f"order {code} not found")
+        return doc
+
+    def _lagged(self, order: Order, now: float) -> dict[str, Any] | None:
+        """What a read lagging ``orders_mgmt_lag_ms`` behind sees; None = not yet there.
+
+        The first version of a coded order is the one its code appeared with (or, if it
+        had its code before the lag was switched on, one that is already visible)."""
+        cutoff = now - self._lag
+        versions = order.versions
+        if not versions:
+            return self.render(order)
+        while len(versions) > 1 and versions[1][0] <= cutoff:
+            del versions[0]
+        at, doc = versions[0]
+        return doc if at <= cutoff else None
+
+    def _snapshot(self, order: Order) -> dict[str, Any]:
+        """The order document as it stands, safe from later changes."""
+        doc = self.render(order)
+        doc["items"] = [dict(item) for item in doc["items"]]
+        doc["buyer_data"] = dict(doc["buyer_data"])
+        return doc
+
+    def _changed(self, order: Order) -> None:
+        """Record a change the lagging read will show later (only while it lags)."""
+        if order.code is None:
+            return
+        if order.versions is None:
+            order.versions = []
+        order.versions.append((self._clock(), self._snapshot(order)))
+
+    def _back_to_basket(self, order: Order) -> None:
+        order.status = BASKET
+        if self._new_code and order.code is not None:
+            del self._by_code[order.code]
+            order.code = None
+            order.versions = None
 
     # -- the purchase flow -------------------------------------------------
 
@@ -274,10 +398,19 @@ class SandboxState:
             raise ApiError(404, "SESSION_NOT_FOUND", f"session {session_id} not found")
         return session
 
-    @staticmethod
-    def _require(order: Order, status: str, action: str) -> None:
-        if order.status != status:
-            raise ApiError(400, "DIST0004", f"cannot {action} an order in status {order.status}")
+    def check_status(self, order: Order, call: str, action: str) -> None:
+        """DIST0004 unless the order's status allows ``call`` (ADD, PRE_CONFIRM_CALL, ...)."""
+        status = order.status
+        if call == ADD:
+            allowed = status == BASKET or (status == PRE_CONFIRM and self._change_pre_confirmed)
+        elif call == PRE_CONFIRM_CALL:
+            allowed = status == BASKET or (status == PRE_CONFIRM and self._idempotent)
+        elif call == CONFIRM_CALL:
+            allowed = status == PRE_CONFIRM or (status == CONFIRM and self._idempotent)
+        else:
+            allowed = status == BASKET or (status == PRE_CONFIRM and not self._release_refuse)
+        if not allowed:
+            raise ApiError(400, "DIST0004", f"cannot {action} an order in status {status}")
 
     def _check_room(self, order: Order, more: int) -> None:
         if len(order.items) + more > self.max_items:
@@ -293,20 +426,29 @@ class SandboxState:
         return session.rates[rate_id], price
 
     def _add_item(self, order: Order, session: Session, *, price_type_id: int,
-                  seat_id: int | None, rate: Rate, price: float) -> None:
+                  seat_id: int | None, rate: Rate, price: float) -> Item:
         item_id = self._next_item_id
         self._next_item_id += 1
         allocation = (session.seats[seat_id].allocation if seat_id is not None
                       else session.capacity_allocations[price_type_id])
         doc = {"id": item_id, "type": "SEAT", "state": "RESERVED", "allocation": allocation,
                "rate": rate.doc, "price": price}
-        order.items[item_id] = Item(item_id, session.id, price_type_id, seat_id, price, doc)
+        item = order.items[item_id] = Item(item_id, session.id, price_type_id, seat_id, price,
+                                           doc)
         if len(order.items) == 1:
             order.currency = session.currency
+        return item
+
+    def _after_change(self, order: Order) -> None:
+        """A PRE_CONFIRM order changed by an add goes back to BASKET; record the change."""
+        if order.status == PRE_CONFIRM:
+            self._back_to_basket(order)
+        if self._lag:
+            self._changed(order)
 
     def add_seats(self, order: Order, seats: Sequence[tuple[int, int, int | None]]) -> None:
         """Hold exact seats, given as (seat id, session id, rate id or None); all or none."""
-        self._require(order, BASKET, "add seats to")
+        self.check_status(order, ADD, "add seats to")
         if not seats:
             raise _invalid("seats must not be empty")
         self._check_room(order, len(seats))
@@ -330,58 +472,79 @@ class SandboxState:
             for seat_id, rate, price, price_type_id in asked:
                 self._add_item(order, session, price_type_id=price_type_id, seat_id=seat_id,
                                rate=rate, price=price)
+        self._after_change(order)
 
     def add_seats_auto(self, order: Order, session_id: int, price_type_id: int,
                        quantity: int, rate_id: int | None = None) -> None:
         """Let the venue pick ``quantity`` places of a price type; all or none."""
-        self._require(order, BASKET, "add seats to")
+        self.check_status(order, ADD, "add seats to")
         if quantity < 1:
             raise _invalid("quantity must be at least 1")
-        self._check_room(order, quantity)
+        per_call = self._per_call
+        self._check_room(order, 1 if per_call else quantity)
         session = self._session(session_id)
         if price_type_id not in session.price_types:
             raise _invalid(f"price type {price_type_id} is not sold in session {session_id}")
         rate, price = self._rate(session, price_type_id, rate_id)
         taken = self._stock[session_id].hold_auto(order.id, price_type_id, quantity)
-        for seat_id in taken:
-            self._add_item(order, session, price_type_id=price_type_id, seat_id=seat_id,
-                           rate=rate, price=price)
+        if per_call:
+            item = self._add_item(order, session, price_type_id=price_type_id,
+                                  seat_id=taken[0], rate=rate,
+                                  price=round(price * quantity, 2))
+            item.places = quantity
+            item.extra_seats = tuple(seat_id for seat_id in taken[1:] if seat_id is not None)
+            item.doc["quantity"] = quantity
+        else:
+            for seat_id in taken:
+                self._add_item(order, session, price_type_id=price_type_id, seat_id=seat_id,
+                               rate=rate, price=price)
+        self._after_change(order)
 
     def set_buyer(self, order: Order, buyer: Mapping[str, Any]) -> None:
-        """Attach the buyer's data."""
-        self._require(order, BASKET, "set the buyer of")
-        order.buyer = dict(buyer)
+        """Attach the buyer's data (replacing or merged into earlier data)."""
+        self.check_status(order, ADD, "set the buyer of")
+        if self._merge_buyer and order.buyer is not None:
+            order.buyer = {**order.buyer, **buyer}
+        else:
+            order.buyer = dict(buyer)
+        self._after_change(order)
 
     def pre_confirm(self, order: Order, delivery_method: str | None = None) -> None:
         """Move a complete basket to PRE_CONFIRM; it gets its code (kept from then on)."""
-        self._require(order, BASKET, "pre-confirm")
+        self.check_status(order, PRE_CONFIRM_CALL, "pre-confirm")
+        if order.status == PRE_CONFIRM:  # a repeat, answered as it stands
+            return
         if not order.items:
             raise ApiError(400, "PARAMETER_REQUIRED", "the order has no items")
         if order.buyer is None:
             raise ApiError(400, "PARAMETER_REQUIRED", "the order has no buyer data")
         if order.code is None:
-            code = self._new_code()
+            code = self._new_code_for()
             order.code = code
             self._by_code[code] = order
         order.delivery_method = delivery_method
         order.status = PRE_CONFIRM
+        if self._lag:
+            self._changed(order)
 
-    def _new_code(self) -> str:
+    def _new_code_for(self) -> str:
         while True:
             code = "".join(self._rng.choices(_CODE_ALPHABET, k=12))
-            if code not in self._by_code:
+            if code not in self._by_code and code not in self._expired_docs:
                 return code
 
     def confirm(self, order: Order, external_code: str | None = None,
                 payments: list[Any] | None = None) -> None:
         """Sell what a PRE_CONFIRM order holds; the order is final from now on."""
-        self._require(order, PRE_CONFIRM, "confirm")
+        self.check_status(order, CONFIRM_CALL, "confirm")
+        if order.status == CONFIRM:  # a repeat, answered as it stands
+            return
         for item in order.items.values():
             if not self._stock[item.session_id].sell(item, order.id):
                 self._sold_twice += 1
             item.doc["state"] = "SOLD"
             self._sold_by_session[item.session_id] = (
-                self._sold_by_session.get(item.session_id, 0) + 1)
+                self._sold_by_session.get(item.session_id, 0) + item.places)
         order.status = CONFIRM
         order.external_code = external_code
         order.payments = payments
@@ -391,18 +554,28 @@ class SandboxState:
             self._confirmed_without_ref += 1
         else:
             self._confirmed_by_ref.setdefault(external_code, []).append(order.code)
+        if self._lag:
+            self._changed(order)
 
     def release(self, order: Order, item_ids: Sequence[int]) -> None:
         """Give items back, all or none; a PRE_CONFIRM order returns to BASKET."""
         if order.status == CONFIRM:
             raise ApiError(400, "DIST0004", "cannot release seats of a confirmed order")
+        self.check_status(order, RELEASE, "release seats of")
         unknown = [item_id for item_id in item_ids if item_id not in order.items]
         if unknown:
-            raise _invalid(f"items {unknown} are not in the order")
+            if not self._ignore_unknown:
+                raise _invalid(f"items {unknown} are not in the order")
+            item_ids = [item_id for item_id in item_ids if item_id in order.items]
+            if not item_ids:  # nothing of this order named: nothing changes
+                return
         for item_id in dict.fromkeys(item_ids):
             item = order.items.pop(item_id)
             self._stock[item.session_id].release(item)
-        order.status = BASKET
+        if order.status == PRE_CONFIRM:
+            self._back_to_basket(order)
+        if self._lag:
+            self._changed(order)
 
     # -- views ---------------------------------------------------------------
 
