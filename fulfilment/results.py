@@ -8,8 +8,10 @@ recording that it had), and drops the second by its ``result_id``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,22 +79,60 @@ def consume_failures(connection: Connection, topology: Topology, *, timeout: flo
 
 def _consume(connection: Connection, queue: Any, load: Any, timeout: float,
              idle_timeout: float | None) -> Iterator[Any]:
-    simple = connection.SimpleQueue(queue)
-    idle = 0.0
-    try:
-        while True:
-            try:
-                message = simple.get(block=True, timeout=timeout)
-            except simple.Empty:
-                idle += timeout
-                if idle_timeout is not None and idle >= idle_timeout:
-                    return
-                continue
-            idle = 0.0
-            payload = message.payload
-            if isinstance(payload, str | bytes):
-                payload = json.loads(payload)
-            yield load(payload)
-            message.ack()
-    finally:
-        simple.close()
+    """Read ``queue``; when the broker connection drops, reconnect with backoff and go on.
+
+    A message is acknowledged only when the caller asks for the next one, that
+    is after it has handled (written out) this one. A message taken but not yet
+    acknowledged when the connection dropped stays unacknowledged on the broker
+    and is delivered again: at least once, as the consumer contract says.
+    """
+    recoverable = tuple(connection.recoverable_connection_errors)
+    last_message = time.monotonic()
+    while True:
+        simple = None
+        try:
+            _connect(connection, idle_timeout, last_message)
+            simple = connection.SimpleQueue(queue)
+            while True:
+                try:
+                    message = simple.get(block=True, timeout=timeout)
+                except simple.Empty:
+                    if idle_timeout is not None and time.monotonic() - last_message >= idle_timeout:
+                        return
+                    continue
+                last_message = time.monotonic()
+                payload = message.payload
+                if isinstance(payload, str | bytes):
+                    payload = json.loads(payload)
+                yield load(payload)
+                message.ack()
+        except recoverable as exc:
+            log.warning("lost the broker connection (%s); reconnecting", type(exc).__name__)
+            _close_quietly(simple)
+            simple = None
+            _close_quietly(connection)
+        finally:
+            _close_quietly(simple)
+
+
+def _connect(connection: Connection, idle_timeout: float | None, last_message: float) -> None:
+    """(Re)connect with exponential backoff: for ever, or until the idle time is up."""
+    def retrying(exc: Exception, interval: float) -> None:
+        log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
+
+    remaining = None if idle_timeout is None else idle_timeout - (time.monotonic() - last_message)
+    # kombu takes floats and None here (its type stubs say int).
+    backoff: dict[str, Any] = {
+        "max_retries": None, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 5.0,
+        "timeout": None if remaining is None else max(remaining, 0.1)}
+    connection.ensure_connection(errback=retrying, **backoff)
+
+
+def _close_quietly(resource: Any) -> None:
+    """Close a queue or connection whose broker may be gone; whatever it raises, it is closed."""
+    if resource is None:
+        return
+    # kombu's Redis transport may raise AttributeError (not only connection
+    # errors) while closing a channel whose connection is already torn down.
+    with contextlib.suppress(Exception):
+        resource.close()
