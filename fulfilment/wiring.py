@@ -20,6 +20,7 @@ from fulfilment.keys import Keys
 from fulfilment.lease import Leases
 from fulfilment.ledger import Ledger
 from fulfilment.onebox.client import build_client
+from fulfilment.redis_transport import transport_for
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from fulfilment.topology import Topology
@@ -60,7 +61,9 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def broker_connection(settings: Settings) -> Connection:
-    return Connection(settings.effective_broker_url, transport_options=transport_options(settings))
+    url = settings.effective_broker_url
+    return Connection(url, transport=transport_for(url),
+                      transport_options=transport_options(settings))
 
 
 def build_ledger(settings: Settings, client: redis.Redis) -> Ledger:

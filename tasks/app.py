@@ -19,6 +19,7 @@ from celery.signals import setup_logging, worker_process_init
 from fulfilment.config import Settings
 from fulfilment.keys import Keys
 from fulfilment.logcontext import configure_logging
+from fulfilment.redis_transport import transport_for
 from fulfilment.topology import Topology
 from fulfilment.wiring import transport_options
 
@@ -28,6 +29,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     topology = Topology.for_keys(keys)
     return {
         "broker_url": settings.effective_broker_url,
+        # kombu's Redis transport, minus a crash on Redis restarts (see the module).
+        "broker_transport": transport_for(settings.effective_broker_url),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",

@@ -1,0 +1,39 @@
+"""kombu's Redis transport, made to survive Redis going away with tasks in flight.
+
+With late acknowledgement, kombu 5.7 crashes a Celery worker on a Redis
+restart ("Unrecoverable error: AttributeError ... 'hostname'"): when the
+connection is lost, closing the task channel fails in its pending BRPOP
+read, ``Connection.collect()`` then drops the transport's client, and the
+channel's second close tries to put the unacknowledged messages back on their
+queue, which needs a new Redis pool built from that client, now None.
+
+Our channel skips that restore once its transport has been collected. Nothing
+is lost: the messages stay in Redis's unacked hash, and any worker restores
+them after the visibility timeout. Running them again is harmless (the
+ledger and the per-intent lease make a purchase happen once), and the
+recovery sweep resumes a stalled intent sooner.
+"""
+
+from __future__ import annotations
+
+from kombu.transport import redis as kombu_redis
+
+#: What ``broker_transport`` (Celery) or ``Connection(transport=...)`` names.
+TRANSPORT = "fulfilment.redis_transport:Transport"
+
+
+class Channel(kombu_redis.Channel):
+    def close(self) -> None:
+        if getattr(self.connection, "client", None) is None:
+            # Collected after a lost connection: there is no Redis to restore to.
+            self.do_restore = False
+        super().close()
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
+def transport_for(url: str) -> str | None:
+    """Our transport for a Redis broker URL; None lets kombu pick by the scheme."""
+    return TRANSPORT if url.startswith("redis://") else None
