@@ -56,10 +56,14 @@ SEAT_NOT_AVAILABLE = "ORDER_SEAT_NOT_AVAILABLE"
 STATUS_CONFLICT = "DIST0004"
 #: Ours: the order's seats were released, so no confirm can land on it any more.
 ORDER_FENCED = "ORDER_FENCED"
+#: Ours: Onebox refuses to let us read the order and would not release it.
+CONFIRM_UNREADABLE = "CONFIRM_UNREADABLE"
 #: The status an expired basket may still be read with (or it is simply gone).
 EXPIRED = "EXPIRED"
 #: How long an abandoned basket is assumed to live when Onebox did not say.
 DEFAULT_BASKET_TTL = 600.0
+#: Abandoned baskets of one intent remembered, to clear seats they may still hold.
+MAX_ORPHANS = 8
 #: Allowance for Onebox's clock and ours disagreeing about an expiry.
 CLOCK_SKEW_MARGIN = 5.0
 
@@ -185,6 +189,11 @@ def _after_permanent(services: Services, reference: str, exc: PermanentError) ->
     if exc.code in {ORDER_NOT_FOUND, ORDER_FENCED}:
         # The basket expired under us, or we fenced it: nothing was bought, start anew.
         return _restart_basket(services, reference, exc)
+    if exc.code == SEAT_NOT_AVAILABLE and _free_orphans(services, reference):
+        # Our own abandoned basket held seats (a call of ours landed late): released.
+        freed = TransientError(exc.message, code=exc.code, status=exc.status,
+                               trace_id=exc.trace_id, step=exc.step, retry_after=0.2)
+        return _retry_or_fail(services, reference, freed, counts=False)
     orphan_left = _orphan_left(services, reference)
     if exc.code == SEAT_NOT_AVAILABLE and orphan_left > 0:
         # Our own abandoned basket may hold the seat until it expires: wait for it.
@@ -334,18 +343,27 @@ def _settle(services: Services, entry: Entry) -> Order | None:
 def _read_or_fence(services: Services, entry: Entry) -> Order | None:
     """The order an uncertain confirm may have reached; None if it is gone.
 
-    When Onebox refuses the read itself (the orders-management API answering
-    401 or 403, say), releasing the order's seats fences it instead: Onebox
-    refuses to release a confirmed order's seats, so a release that works
-    proves the order unconfirmed, and it stays so (a late confirm finds a
-    basket). The purchase then starts again with a new basket.
+    When Onebox cannot answer the read (the orders-management API refusing it
+    with 401 or 403, or failing), releasing the order's seats fences it
+    instead: Onebox refuses to release a confirmed order's seats, so a release
+    that works proves the order unconfirmed, and it stays so (a late confirm
+    finds a basket). The purchase then starts again with a new basket.
     """
     try:
         return _settle(services, entry)
-    except PermanentError as exc:
+    except NotFoundYetError:
+        raise  # the read works; the order is not there yet
+    except FulfilmentError as exc:
         if _fence(services, entry):
             raise PermanentError("the order could not be read; its seats were released",
                                  code=ORDER_FENCED, step="confirm") from exc
+        if exc.status in {401, 403}:
+            # Refused, not failing: no later read will answer, and the fence did not
+            # hold, so the confirm may well have landed. Say so now; an operator
+            # settles it once Onebox lets the order be read.
+            raise PermanentError(f"the order can neither be read ({exc.code}) nor fenced",
+                                 code=CONFIRM_UNREADABLE, status=exc.status,
+                                 trace_id=exc.trace_id, step="confirm") from exc
         raise TransientError(f"the order can neither be read nor fenced yet ({exc.code})",
                              code="CONFIRM_UNSETTLED", step="confirm") from exc
 
@@ -408,8 +426,10 @@ def _restart_basket(services: Services, reference: str, exc: FulfilmentError) ->
     # seats call of unknown outcome may still land after we listed and released
     # the basket (Onebox finishing it late), so its seats may be held until then.
     ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
-    orphan = ({} if released_all and not unknown_items
-              else {"orphan_expires": services.clock() + ttl + 1.0})
+    orphan: dict[str, object] = {}
+    if not released_all or unknown_items:
+        orphan = {"orphan_expires": services.clock() + ttl + 1.0,
+                  "orphans": [*entry.orphans[-(MAX_ORPHANS - 1):], entry.order_id]}
     services.ledger.record(reference, order_id=None, item_ids=[], items_done=0, buyer_set=False,
                            code=None, confirm_sent=False, pending=None, **orphan)
     return _retry_or_fail(services, reference, exc)
@@ -449,7 +469,8 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
             return Proceed()
         if not settled:
             # We cannot tell whether it was bought: never guess "failed".
-            return _unsettled_or_wait(services, entry, exc)
+            return _unsettled_or_wait(services, entry, exc,
+                                      at_once=exc.code == CONFIRM_UNREADABLE)
     error = ResultError(code=exc.code, message=exc.message, step=exc.step,
                         retryable=exc.retryable, trace_id=exc.trace_id)
     services.ledger.finish(reference, _result(services, entry, FAILED, error=error))
@@ -490,22 +511,23 @@ def _try_settle(services: Services, entry: Entry) -> Order | FulfilmentError | N
         return exc
 
 
-def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError) -> Decision:
+def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError, *,
+                       at_once: bool = False) -> Decision:
     """Keep asking until the deadline; then say so: ``unsettled``, never ``failed``."""
     now = services.clock()
     remaining = entry.submitted_at.timestamp() + services.policy.deadline - now
-    if remaining > 0:
+    if remaining > 0 and not at_once:
         services.ledger.record(entry.reference)  # alive: the sweep need not resume it
         wait = (entry.basket_expires or now) + CLOCK_SKEW_MARGIN - now
         return RetryIn(min(max(wait, 1.0), services.policy.cap, remaining), "CONFIRM_UNSETTLED")
     error = ResultError(code="CONFIRM_UNSETTLED",
-                        message=f"a confirm was sent and Onebox could not tell by the deadline "
-                                f"whether it went through ({exc.code}); settle it with "
+                        message=f"a confirm was sent and Onebox could not tell whether it "
+                                f"went through: {exc.message} ({exc.code}); settle it with "
                                 f"'fulfilment settle {entry.reference}'",
                         step="confirm", retryable=False, trace_id=exc.trace_id)
     services.ledger.finish(entry.reference, _result(services, entry, UNSETTLED,
                                                     order_code=entry.code, error=error))
-    log.error("purchase unsettled: confirm sent, outcome unknown at the deadline (%s)", exc.code)
+    log.error("purchase unsettled: confirm sent, outcome unknown (%s)", exc.code)
     return Proceed()
 
 
@@ -532,12 +554,15 @@ def _reconcile(services: Services, reference: str, exc: PermanentError) -> Decis
     if found.status == "CONFIRM":
         _finish_confirmed(services, entry, found)
         return Proceed()
-    if found.status == "PRE_CONFIRM":
-        services.ledger.record(reference, code=found.code or entry.code, pending=None,
-                               item_ids=_item_ids(found), items_done=len(entry.intent.items),
-                               buyer_set=True, failures=0)
-    else:
-        services.ledger.record(reference, code=None, confirm_sent=False, pending=None)
+    if exc.step == "confirm" or found.status == "BASKET":
+        # The read contradicts the refusal: it lags behind. Ask again shortly.
+        stale = TransientError("Onebox's read lags behind its answer", code="ORDER_STATUS_STALE",
+                               step=exc.step, trace_id=exc.trace_id, retry_after=1.0)
+        return _retry_or_fail(services, reference, stale)
+    # Pre-confirmed already (our ledger lost that step): carry on from there.
+    services.ledger.record(reference, code=found.code or entry.code, pending=None,
+                           item_ids=_item_ids(found), items_done=len(entry.intent.items),
+                           buyer_set=True, failures=0)
     return RetryIn(0.0, "reconciled with Onebox")
 
 
@@ -603,6 +628,36 @@ def _reread(services: Services, reference: str) -> Entry:
     if entry is None:
         raise UnknownIntentError(f"ledger entry for {reference} vanished")
     return entry
+
+
+def _free_orphans(services: Services, reference: str) -> bool:
+    """Release what our abandoned baskets still hold; True if any held something.
+
+    An abandoned basket's content is unknown: a call of ours may land there
+    late (Onebox finishing it after we gave up), holding seats and restarting
+    its expiry, so waiting out the expiry we computed is not enough. Setting
+    the buyer again lists the basket; its items are released. A basket Onebox
+    no longer knows is forgotten.
+    """
+    entry = _reread(services, reference)
+    held, alive = False, []
+    for order_id in entry.orphans:
+        with bound(step="release", order_id=order_id):
+            try:
+                items = _item_ids(services.client.set_buyer(order_id, entry.intent.buyer))
+                if items:
+                    services.client.release_seats(order_id, items)
+                    log.info("released %d items our abandoned basket still held", len(items))
+                    held = True
+            except PermanentError as exc:
+                if exc.code == ORDER_NOT_FOUND:
+                    continue  # gone: it holds nothing
+            except FulfilmentError as exc:
+                log.info("could not clear abandoned basket %s: %s", order_id, exc.code)
+        alive.append(order_id)
+    if len(alive) != len(entry.orphans):
+        services.ledger.record(reference, orphans=alive)
+    return held
 
 
 def _orphan_left(services: Services, reference: str) -> float:

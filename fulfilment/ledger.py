@@ -10,7 +10,8 @@ One Redis hash per intent. Fields: ``intent`` (the payload, JSON),
 ``fingerprint``, ``submitted_at``, ``order_id``, ``item_ids`` (JSON list),
 ``items_done``, ``pending`` (a basket call sent but not yet recorded),
 ``buyer_set``, ``code``, ``confirm_sent``, ``baskets``, ``basket_expires``,
-``basket_ttl`` and ``orphan_expires``
+``basket_ttl``, ``orphan_expires`` and ``orphans`` (abandoned baskets that may
+still hold seats, JSON list of order ids)
 (when an abandoned basket of unknown contents lets go of its seats),
 ``attempts``, ``outcome`` (the result, JSON, written once), ``published``,
 ``updated_at``.
@@ -157,6 +158,7 @@ class Entry:
     basket_expires: float | None
     basket_ttl: float | None
     orphan_expires: float | None
+    orphans: tuple[str, ...]
     attempts: int
     outcome: OrderResult | None
     published: bool
@@ -291,6 +293,7 @@ class Ledger:
             basket_expires=_float(fields.get("basket_expires")),
             basket_ttl=_float(fields.get("basket_ttl")),
             orphan_expires=_float(fields.get("orphan_expires")),
+            orphans=tuple(json.loads(fields.get("orphans") or "[]")),
             attempts=int(fields.get("attempts", 0)),
             outcome=load_result(outcome) if outcome else None,
             published=fields.get("published") == "1",

@@ -47,6 +47,8 @@ class FakeOnebox:
     next_item: int = 1
     #: Onebox refusing to release seats outside BASKET (one of its possible answers).
     refuse_release: bool = False
+    #: Reads by code that still show a confirmed order as pre-confirmed (a lagging read).
+    stale_reads: int = 0
 
     def _step(self, step: str, action: Callable[[], Order]) -> Order:
         self.calls.append(step)
@@ -97,7 +99,8 @@ class FakeOnebox:
     def confirm(self, order_id: str, external_code: str, payments: Any = None) -> Order:
         def act() -> Order:
             if self.orders[order_id].status != "PRE_CONFIRM":
-                raise PermanentError("not pre-confirmed", code="DIST0004", status=400)
+                raise PermanentError("not pre-confirmed", code="DIST0004", status=400,
+                                     step="confirm")
             self.confirms[external_code] = self.confirms.get(external_code, 0) + 1
             return self._update(order_id, status="CONFIRM", external_code=external_code)
         return self._step("confirm", act)
@@ -118,6 +121,9 @@ class FakeOnebox:
         def act() -> Order:
             for order in self.orders.values():
                 if order.code == code:
+                    if self.stale_reads and order.status == "CONFIRM":
+                        self.stale_reads -= 1
+                        return replace(order, status="PRE_CONFIRM")
                     return order
             raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404,
                                  step="get_order")
@@ -246,8 +252,10 @@ def test_unknown_basket_call_of_unknown_content_waits_for_the_basket_to_expire(
     world.onebox.done_then_raise["seats"] = [OutcomeUnknownError("lost", step="seats")]
     world.onebox.failures["buyer_data"] = [OutcomeUnknownError("lost again")]
     world.run(reference)
-    # The new basket finds the seat held (by our own abandoned basket, for all we know)
+    # The new basket finds the seat held (by our own abandoned basket, for all we
+    # know), and the abandoned basket cannot be listed either
     world.onebox.failures["seats"] = [PermanentError("held", code="ORDER_SEAT_NOT_AVAILABLE")]
+    world.onebox.failures["buyer_data"] = [TransientError("down")]
     decision = world.run(reference, attempt=2)
     assert isinstance(decision, RetryIn) and decision.delay == 8.0  # capped
     world.clock[0] += 602
@@ -652,3 +660,55 @@ def test_the_sweep_takes_its_lock_and_keeps_what_it_could_not_read(world: World)
     ledger.get = real_get  # type: ignore[method-assign]
     assert ledger.stuck(world.clock[0]) == [reference]
     assert recovery.sweep(world.services, dispatched.append) == [reference]
+
+
+def test_a_lagging_read_is_asked_again_never_confirmed_twice(world: World) -> None:
+    # Given a confirm that went through but whose answer was lost, and a read by
+    # code that lags behind and still shows the order pre-confirmed
+    reference = world.submit()
+    world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
+    world.run(reference)
+    world.onebox.stale_reads = 2
+    # When the flow sends confirm again (the read said PRE_CONFIRM) and Onebox refuses
+    decision = world.run(reference)
+    assert isinstance(decision, RetryIn) and decision.reason == "ORDER_STATUS_STALE"
+    # Then it asks again, and reports it confirmed once the read catches up
+    assert isinstance(world.run(reference), Proceed)
+    assert world.results()[0].status == "confirmed"
+    assert world.onebox.confirms == {reference: 1}
+
+
+def test_a_refused_read_and_a_refused_fence_is_unsettled_at_once(world: World) -> None:
+    # Given a confirm that landed but whose answer was lost, an order Onebox will
+    # not let us read (403) and, being confirmed, will not release
+    reference = world.submit()
+    world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
+    world.run(reference)
+    world.onebox.failures["get_order"] = [
+        PermanentError("forbidden", code="FORBIDDEN_RESOURCE", status=403)] * 5
+    # Then the purchase ends unsettled at once, never failed, never bought again
+    assert isinstance(world.run(reference), Proceed)
+    [result] = world.results()
+    assert result.status == "unsettled" and result.order_code
+    assert result.error is not None and "FORBIDDEN_RESOURCE" in result.error.message
+    assert world.onebox.confirms == {reference: 1}
+    assert world.onebox.calls.count("create") == 1
+
+
+def test_seats_our_abandoned_basket_still_holds_are_released_not_waited_for(
+        world: World) -> None:
+    # Given a seats call of unknown outcome that landed (late) in the basket we
+    # abandoned, after we had listed and released it
+    reference = world.submit()
+    world.onebox.failures["seats"] = [OutcomeUnknownError("lost", step="seats")]
+    world.run(reference, Stage.BASKET)
+    [abandoned, *_] = world.onebox.orders
+    world.onebox.add_seats(abandoned, [SeatRef(id=1, session_id=10)])  # the late landing
+    # When the new basket finds the seat held
+    world.onebox.failures["seats"] = [PermanentError("held", code="ORDER_SEAT_NOT_AVAILABLE")]
+    decision = world.run(reference, Stage.BASKET)
+    # Then the abandoned basket's items are released and the seat asked for again at once
+    assert isinstance(decision, RetryIn) and decision.delay < 1.0
+    assert world.onebox.orders[abandoned].items == ()
+    assert isinstance(world.run(reference), Proceed)
+    assert world.results()[0].status == "confirmed"
