@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 from celery import chain  # noqa: E402
 
 from fulfilment.config import Settings  # noqa: E402
+from fulfilment.harness.cluster import Cluster, env_for  # noqa: E402
+from fulfilment.harness.processes import Child, SandboxProcess, child_pids, wait_for  # noqa: E402
 from fulfilment.onebox import build_client  # noqa: E402
 from fulfilment.wiring import redis_client  # noqa: E402
 from schemas.intent import AutoItem, Buyer  # noqa: E402
 from tasks.app import configure  # noqa: E402
-from tests.cluster import Cluster, env_for  # noqa: E402
-from tests.processes import Child, SandboxProcess, child_pids, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "chain_hops.json"
 TICK = os.sysconf("SC_CLK_TCK")

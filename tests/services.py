@@ -7,11 +7,13 @@ missing service is an error, never a skip.
 from __future__ import annotations
 
 import os
-import socket
-import uuid
 
 import pytest
 import redis
+
+from fulfilment.harness.processes import free_port, unique_prefix
+
+__all__ = ["free_port", "in_ci", "redis_url", "require", "unique_prefix"]
 
 REDIS_HOST = os.environ.get("FULFILMENT_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("FULFILMENT_TEST_REDIS_PORT", "6379"))
@@ -42,11 +44,3 @@ def redis_url() -> str:
     return f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 
 
-def unique_prefix(kind: str = "t") -> str:
-    return f"{kind}-{uuid.uuid4().hex[:10]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

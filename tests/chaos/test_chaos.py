@@ -30,13 +30,13 @@ import pytest
 import redis
 
 from fulfilment.config import Settings
+from fulfilment.harness.cluster import Cluster, env_for
+from fulfilment.harness.processes import RedisServer, SandboxProcess, child_pids, wait_for
 from fulfilment.onebox import build_client
 from fulfilment.wiring import redis_client
 from schemas.intent import Buyer, SeatRef
 from tasks import app as celery_app
 from tasks.app import configure
-from tests.cluster import Cluster, env_for
-from tests.processes import RedisServer, SandboxProcess, child_pids, wait_for
 from tests.services import free_port, require, unique_prefix
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import redis
 from fulfilment.config import Settings
 from fulfilment.durability import missing, require_durable
 from fulfilment.errors import ConfigError
-from tests.cluster import env_for
-from tests.processes import Child, RedisServer, wait_for
+from fulfilment.harness.cluster import env_for
+from fulfilment.harness.processes import Child, RedisServer, wait_for
 from tests.services import free_port, require
 
 pytestmark = pytest.mark.integration

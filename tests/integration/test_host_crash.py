@@ -3,7 +3,7 @@
 Killing redis-server loses nothing, since its writes are in the kernel's page
 cache; a host crash loses whatever reached the append-only file after its last
 fsync. ``RedisServer(simulate_host_crash=True).crash()`` simulates exactly that
-(tests/fsync_shim.c and tests/hostcrash.py): under ``appendfsync everysec``
+(fulfilment/harness/fsync_shim.c and hostcrash.py): under ``appendfsync everysec``
 acknowledged writes are lost, under ``always`` none. Each test also checks that
 what survives is exactly what the synced part of the file holds, nothing more
 and nothing less. Run with ``pytest -s`` to see the numbers.
@@ -21,8 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.hostcrash import compiler, count_commands, survey, synced_lengths
-from tests.processes import RedisServer, wait_for
+from fulfilment.harness.hostcrash import compiler, count_commands, survey, synced_lengths
+from fulfilment.harness.processes import RedisServer, wait_for
 from tests.services import free_port, require
 
 pytestmark = pytest.mark.integration

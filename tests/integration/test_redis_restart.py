@@ -33,10 +33,10 @@ from typing import Any
 import pytest
 
 from fulfilment.config import Settings
+from fulfilment.harness.cluster import Cluster, env_for
+from fulfilment.harness.processes import Child, RedisServer, SandboxProcess, wait_for
 from tasks import app as celery_app
 from tasks.app import configure
-from tests.cluster import Cluster, env_for
-from tests.processes import Child, RedisServer, SandboxProcess, wait_for
 from tests.services import free_port, require, unique_prefix
 
 pytestmark = pytest.mark.integration

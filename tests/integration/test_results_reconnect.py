@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from fulfilment.config import Settings
+from fulfilment.harness.cluster import env_for
+from fulfilment.harness.processes import Child, RedisServer, wait_for
 from fulfilment.keys import Keys
 from fulfilment.results import ResultPublisher
 from fulfilment.topology import Topology
 from fulfilment.wiring import broker_connection
 from schemas.result import CONFIRMED, OrderResult, result_id_for
-from tests.cluster import env_for
-from tests.processes import Child, RedisServer, wait_for
 from tests.services import free_port, require, unique_prefix
 
 pytestmark = pytest.mark.integration

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from fulfilment.config import Settings
+from fulfilment.harness.cluster import env_for
+from fulfilment.harness.processes import wait_for
 from fulfilment.keys import Keys
 from fulfilment.results import consume_results
 from fulfilment.topology import Topology
 from fulfilment.wiring import broker_connection
-from tests.cluster import env_for
-from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -14,13 +14,13 @@ import redis
 
 from fulfilment.config import Settings
 from fulfilment.errors import InvalidMessageError
+from fulfilment.harness.cluster import Cluster, env_for
+from fulfilment.harness.processes import SandboxProcess
 from fulfilment.onebox import build_client
 from schemas.intent import Buyer, SeatRef
 from tasks import app as celery_app
 from tasks.app import configure
 from tests import services
-from tests.cluster import Cluster, env_for
-from tests.processes import SandboxProcess
 
 pytestmark = pytest.mark.integration
 
@@ -255,7 +255,7 @@ def test_a_killed_workers_intent_is_free_again_within_its_short_lease(
     import os
     import signal
 
-    from tests.processes import child_pids, wait_for
+    from fulfilment.harness.processes import child_pids, wait_for
 
     # Given a worker in the middle of a slow seats call, holding the intent's lease
     worker = cluster.start_worker(concurrency=1)

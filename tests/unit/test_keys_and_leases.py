@@ -8,9 +8,9 @@ import fakeredis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fulfilment.harness.processes import wait_for
 from fulfilment.keys import Keys
 from fulfilment.lease import Leases
-from tests.processes import wait_for
 
 ALPHABET = string.ascii_letters + string.digits + "._:-"
 #: References spelled like the keys we own, and like other intents' keys.

@@ -1,11 +1,11 @@
 /*
  * fsync_shim.c: an LD_PRELOAD library that records how much of each file is
  * durable, so a test can simulate a host crash (power cut, kernel panic)
- * faithfully: after SIGKILL, tests/hostcrash.py cuts every append-only file
+ * faithfully: after SIGKILL, fulfilment/harness/hostcrash.py cuts every append-only file
  * back to the length this shim last saw made durable, dropping exactly what
  * was written but never synced (which the page cache would otherwise keep).
  *
- * Built at test time (tests/hostcrash.py: cc -shared -fPIC -O2 ... -ldl) and
+ * Built at test time (fulfilment/harness/hostcrash.py: cc -shared -fPIC -O2 ... -ldl) and
  * loaded into redis-server with LD_PRELOAD=... FSYNC_SHIM_LOG=<file>.
  *
  * The log is append-only, one record per line, each written with a single

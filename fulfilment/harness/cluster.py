@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from fulfilment.config import SETTINGS, Settings
+from fulfilment.harness.processes import Child, SandboxProcess, worker_args
 from fulfilment.keys import Keys
 from fulfilment.results import consume_failures, consume_results
 from fulfilment.topology import Topology
 from fulfilment.wiring import broker_connection
 from schemas.result import OrderResult
-from tests.processes import Child, SandboxProcess, worker_args
 
 
 def env_for(settings: Settings) -> dict[str, str]:

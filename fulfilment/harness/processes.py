@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+from fulfilment.harness.hostcrash import CrashReport, build_shim, cut_to_synced
 from fulfilment.sandbox import SandboxAdmin
-from tests.hostcrash import CrashReport, build_shim, cut_to_synced
 
 T = TypeVar("T")
 
@@ -84,6 +86,7 @@ class SandboxProcess(Child):
         super().__init__([sys.executable, "-m", "fulfilment.sandbox", "--port", "0", *extra],
                          log_path, {})
         line = wait_for(self._listening, timeout=20, what="the sandbox to listen")
+        assert line is not None  # wait_for returns only a truthy value
         self.url = line.rsplit(" ", 1)[-1].strip()
         self.admin = SandboxAdmin(self.url)
 
@@ -117,9 +120,9 @@ class RedisServer(Child):
     tells production to run: the chaos tests restart it and check that nothing
     is lost.
 
-    With ``simulate_host_crash`` it runs with tests/fsync_shim.c preloaded, which
+    With ``simulate_host_crash`` it runs with fulfilment/harness/fsync_shim.c preloaded, which
     logs how much of each file every fsync made durable (``sync_log``), and
-    :meth:`crash` then simulates a power cut: see tests/hostcrash.py. AOF
+    :meth:`crash` then simulates a power cut: see fulfilment/harness/hostcrash.py. AOF
     rewrites are off in that mode (``--auto-aof-rewrite-percentage 0``): the shim
     does not model directory entries, so the set of append-only files must not
     change after start-up.
@@ -193,6 +196,17 @@ class RedisServer(Child):
         report = cut_to_synced(self.aof_dir, self.sync_log)
         self._spawn()
         return report
+
+
+def unique_prefix(kind: str = "t") -> str:
+    """A key prefix of its own, for one test or benchmark run."""
+    return f"{kind}-{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def child_pids(pid: int) -> list[int]:

@@ -3,7 +3,7 @@
 Killing redis-server loses nothing: its writes sit in the kernel's page cache
 and reach the disk anyway. A power cut or kernel panic loses whatever was
 written to the append-only file after its last successful fsync. To simulate
-that, redis-server runs with tests/fsync_shim.c preloaded (LD_PRELOAD): after
+that, redis-server runs with fulfilment/harness/fsync_shim.c preloaded (LD_PRELOAD): after
 every successful fsync/fdatasync of a regular file it appends a line to a log,
 the *sync log*, with the file's device, inode and the length made durable (the
 file's size as the sync began: bytes appended while it ran are not covered).
@@ -48,7 +48,7 @@ def build_shim() -> Path:
     """
     cc = compiler()
     if cc is None:
-        raise RuntimeError("no C compiler (cc) to build tests/fsync_shim.c")
+        raise RuntimeError("no C compiler (cc) to build fulfilment/harness/fsync_shim.c")
     source = SHIM_SOURCE.read_bytes()
     digest = hashlib.sha256(source).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / f"fulfilment-fsync-shim-{os.getuid()}-{digest}"
