@@ -189,8 +189,10 @@ def _after_permanent(services: Services, reference: str, exc: PermanentError) ->
     if exc.code in {ORDER_NOT_FOUND, ORDER_FENCED}:
         # The basket expired under us, or we fenced it: nothing was bought, start anew.
         return _restart_basket(services, reference, exc)
-    if exc.code == SEAT_NOT_AVAILABLE and _free_orphans(services, reference):
-        # Our own abandoned basket held seats (a call of ours landed late): released.
+    if exc.code == SEAT_NOT_AVAILABLE and _orphan_left(services, reference) <= 0 and \
+            _free_orphans(services, reference):
+        # Past its expiry our abandoned basket still held seats: a call of ours
+        # landed there late. They are released, or it is waited for once more.
         freed = TransientError(exc.message, code=exc.code, status=exc.status,
                                trace_id=exc.trace_id, step=exc.step, retry_after=0.2)
         return _retry_or_fail(services, reference, freed, counts=False)
@@ -631,16 +633,20 @@ def _reread(services: Services, reference: str) -> Entry:
 
 
 def _free_orphans(services: Services, reference: str) -> bool:
-    """Release what our abandoned baskets still hold; True if any held something.
+    """Clear our abandoned baskets once; True if the seat is worth asking for again.
 
-    An abandoned basket's content is unknown: a call of ours may land there
+    An abandoned basket's content is unknown, and a call of ours may land there
     late (Onebox finishing it after we gave up), holding seats and restarting
-    its expiry, so waiting out the expiry we computed is not enough. Setting
-    the buyer again lists the basket; its items are released. A basket Onebox
-    no longer knows is forgotten.
+    its expiry, so waiting out the expiry we computed is not always enough.
+    Once it has passed, each abandoned basket is listed (setting the buyer
+    again answers with the whole order) and its items released. A basket that
+    cannot be listed or released is waited for once more (our call touched
+    it). Each is tried once: probing for ever would keep it alive for ever.
     """
     entry = _reread(services, reference)
-    held, alive = False, []
+    if not entry.orphans:
+        return False
+    released = held_on = False
     for order_id in entry.orphans:
         with bound(step="release", order_id=order_id):
             try:
@@ -648,16 +654,20 @@ def _free_orphans(services: Services, reference: str) -> bool:
                 if items:
                     services.client.release_seats(order_id, items)
                     log.info("released %d items our abandoned basket still held", len(items))
-                    held = True
+                    released = True
             except PermanentError as exc:
-                if exc.code == ORDER_NOT_FOUND:
-                    continue  # gone: it holds nothing
+                if exc.code != ORDER_NOT_FOUND:
+                    log.info("abandoned basket %s holds on (%s): waiting for it", order_id,
+                             exc.code)
+                    held_on = True
             except FulfilmentError as exc:
-                log.info("could not clear abandoned basket %s: %s", order_id, exc.code)
-        alive.append(order_id)
-    if len(alive) != len(entry.orphans):
-        services.ledger.record(reference, orphans=alive)
-    return held
+                log.info("could not clear abandoned basket %s (%s): waiting for it", order_id,
+                         exc.code)
+                held_on = True
+    ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
+    wait = {"orphan_expires": services.clock() + ttl + 1.0} if held_on else {}
+    services.ledger.record(reference, orphans=[], **wait)
+    return released or held_on
 
 
 def _orphan_left(services: Services, reference: str) -> float:
