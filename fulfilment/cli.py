@@ -83,7 +83,11 @@ def results(jsonl: IO[str] | None, count: int | None, idle_timeout: float | None
                     summary = f"{result.reference}: confirmed, order code {result.order_code}"
                 else:
                     error = result.error
-                    summary = f"{result.reference}: failed, {error.code if error else '?'}"
+                    summary = f"{result.reference}: {result.status}, " \
+                              f"{error.code if error else '?'}"
+                    if result.status == "unsettled":
+                        summary += f" (order code {result.order_code or '?'}: " \
+                                   f"fulfilment settle {result.reference})"
                 _emit(jsonl, line, summary)
                 seen += 1
                 if count is not None and seen >= count:
