@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
+from fulfilment.harness import processes
 from fulfilment.sandbox import RunningSandbox, SandboxOptions, start_in_thread
 from fulfilment.sandbox.http import HttpServer, Response
-from tests import processes
 
 pytestmark = pytest.mark.integration
 
