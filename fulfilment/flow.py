@@ -305,11 +305,11 @@ def _confirm(services: Services, reference: str, until: float) -> None:
                 raise PermanentError(f"order in unexpected status {order.status}",
                                      code="ORDER_STATUS_UNEXPECTED", step="confirm")
             if order.status == "BASKET":
-                # Back in BASKET: pre-confirm again before confirming.
-                ledger.record(reference, code=None, confirm_sent=False)
-                _pre_confirm(services, reference, until)
-                entry = _reread(services, reference)
-                assert entry.order_id is not None and entry.code is not None
+                # Back in BASKET (a release of ours may have emptied it): not
+                # confirmed, and its content unknown. Start again with a new basket.
+                ledger.record(reference, confirm_sent=False)
+                raise OutcomeUnknownError("the order went back to BASKET",
+                                          code="ORDER_BACK_IN_BASKET", step="seats")
         assert entry.order_id is not None
         # Before the call, never after. The call restarts the basket's timer, so
         # "not found" is only conclusive a full time-to-live after it.
@@ -353,9 +353,9 @@ def _read_or_fence(services: Services, entry: Entry) -> Order | None:
     """
     try:
         return _settle(services, entry)
-    except NotFoundYetError:
-        raise  # the read works; the order is not there yet
     except FulfilmentError as exc:
+        if isinstance(exc, TransientError) and exc.status not in {401, 403}:
+            raise  # Onebox busy, or the order not readable yet: ask again later
         if _fence(services, entry):
             raise PermanentError("the order could not be read; its seats were released",
                                  code=ORDER_FENCED, step="confirm") from exc

@@ -712,3 +712,25 @@ def test_seats_our_abandoned_basket_still_holds_are_released_not_waited_for(
     assert world.onebox.orders[abandoned].items == ()
     assert isinstance(world.run(reference), Proceed)
     assert world.results()[0].status == "confirmed"
+
+
+def test_an_order_read_back_in_basket_after_a_confirm_starts_a_new_basket(
+        world: World) -> None:
+    # Given a confirm refused for now (503: confirm marked sent, nothing done)
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [TransientError("busy", status=503, step="confirm")]
+    world.run(reference)
+    # When the read is throttled: it is asked again later, nothing is released
+    world.onebox.failures["get_order"] = [TransientError("throttled", status=429)]
+    assert isinstance(world.run(reference), RetryIn)
+    assert "release" not in world.onebox.calls
+    # And when the order is then read back in BASKET, emptied (a release whose
+    # answer was lost did go through)
+    [order_id] = world.onebox.orders
+    world.onebox.orders[order_id] = replace(world.onebox.orders[order_id], status="BASKET",
+                                            items=())
+    assert isinstance(world.run(reference), RetryIn)
+    # Then the purchase starts again on a new basket rather than pre-confirming an empty one
+    assert isinstance(world.run(reference), Proceed)
+    assert world.results()[0].status == "confirmed"
+    assert world.onebox.calls.count("create") == 2
