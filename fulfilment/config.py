@@ -44,6 +44,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if value < 0:
@@ -99,6 +106,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ONEBOX_TOKEN_RENEW_MARGIN", "onebox_token_renew_margin", "300",
             "Renew the access token this many seconds before it expires.",
             _non_negative_float),
+    # --- Onebox: limits the whole fleet shares (fulfilment.onebox.guard) --------
+    Setting("ONEBOX_RATE_LIMIT", "onebox_rate_limit", "0",
+            "Calls per second to Onebox for all workers together, every call counted (the "
+            "token's too), shared through Redis: a call waits for its turn. 0 means no "
+            "limit, the default because Onebox publishes none: set the figure Onebox gives "
+            "your channel.", _non_negative_float),
+    Setting("ONEBOX_RATE_LIMIT_MAX_WAIT", "onebox_rate_limit_max_wait", "10",
+            "Longest a call waits for its turn under `ONEBOX_RATE_LIMIT`; when its turn is "
+            "further off, the step is retried then instead (`RATE_LIMITED`, not counted as "
+            "a failure).", _positive_float),
+    Setting("ONEBOX_BREAKER_FAILURES", "onebox_breaker_failures", "10",
+            "Failed calls (5xx, timeouts, connection failures; not 4xx answers) within "
+            "`ONEBOX_BREAKER_WINDOW`, if they are also at least half of the calls there, "
+            "that open the circuit breaker for the whole fleet. 0 turns the breaker off.",
+            _non_negative_int),
+    Setting("ONEBOX_BREAKER_WINDOW", "onebox_breaker_window", "10",
+            "Seconds over which the circuit breaker counts calls and failures.",
+            _positive_float),
+    Setting("ONEBOX_BREAKER_COOLDOWN", "onebox_breaker_cooldown", "15",
+            "Seconds an open breaker holds every call back (`CIRCUIT_OPEN`: retried after "
+            "it, not counted as a failure); then one probe call goes through: success "
+            "closes the breaker, failure opens it again.", _positive_float),
     # --- Redis and the broker -------------------------------------------------
     Setting("FULFILMENT_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
             "Redis for the shared token cache (and the ledger).", _url),
@@ -167,6 +196,11 @@ class Settings:
     onebox_connect_timeout: float
     onebox_read_timeout: float
     onebox_token_renew_margin: float
+    onebox_rate_limit: float
+    onebox_rate_limit_max_wait: float
+    onebox_breaker_failures: int
+    onebox_breaker_window: float
+    onebox_breaker_cooldown: float
     redis_url: str
     broker_url: str
     require_durable_redis: bool
@@ -209,6 +243,12 @@ class Settings:
                               "or a task waiting out its retry is redelivered to another worker")
         if self.task_time_limit <= self.task_soft_time_limit:
             raise ConfigError("FULFILMENT_TASK_TIME_LIMIT must exceed "
+                              "FULFILMENT_TASK_SOFT_TIME_LIMIT")
+        call = self.onebox_connect_timeout + self.onebox_read_timeout
+        if self.onebox_rate_limit and self.onebox_rate_limit_max_wait + call >= \
+                self.task_soft_time_limit:
+            raise ConfigError("ONEBOX_RATE_LIMIT_MAX_WAIT plus a whole call "
+                              "(ONEBOX_CONNECT_TIMEOUT + ONEBOX_READ_TIMEOUT) must fit in "
                               "FULFILMENT_TASK_SOFT_TIME_LIMIT")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
             raise ConfigError("FULFILMENT_KEY_PREFIX must be 1-64 of A-Za-z0-9_.-")

@@ -5,6 +5,8 @@
 - ``PermanentError``: retrying cannot help (a seat is sold, the data is invalid).
 - ``OutcomeUnknownError``: the request may have reached Onebox and been done;
   find out what happened before acting again (never blindly repeat a POST).
+- ``HeldBackError`` (a ``TransientError``: ``CircuitOpenError``,
+  ``RateLimitedError``): the call was never sent; waiting is not failing.
 
 Every error may carry what Onebox said: HTTP status, Onebox's ``code`` and
 ``message``, and the ``ob-audit-trace-id`` support asks for. Messages must never
@@ -72,6 +74,28 @@ class TransientError(FulfilmentError):
 
     retryable = True
     default_code = "TRANSIENT"
+
+
+class HeldBackError(TransientError):
+    """The call was never sent: our own guard held it back (``fulfilment.onebox.guard``).
+
+    Always safe to retry, and not a failure of the purchase: it uses up no
+    attempts (the retry deadline still bounds it). ``retry_after`` says when.
+    """
+
+    default_code = "HELD_BACK"
+
+
+class CircuitOpenError(HeldBackError):
+    """Onebox keeps failing: calls are paused until the circuit breaker's probe succeeds."""
+
+    default_code = "CIRCUIT_OPEN"
+
+
+class RateLimitedError(HeldBackError):
+    """The fleet's shared rate limit has no slot for this call soon enough."""
+
+    default_code = "RATE_LIMITED"
 
 
 class PermanentError(FulfilmentError):

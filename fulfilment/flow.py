@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from fulfilment.config import Settings
 from fulfilment.errors import (
     FulfilmentError,
+    HeldBackError,
     OutcomeUnknownError,
     PermanentError,
     TransientError,
@@ -412,9 +413,14 @@ def _after_unknown(services: Services, reference: str, exc: OutcomeUnknownError)
 
 
 def _after_transient(services: Services, reference: str, exc: TransientError) -> Decision:
-    log.warning("transient failure: %s", exc)
+    if isinstance(exc, HeldBackError):
+        # Never sent (the breaker is open, or no rate-limit slot soon): waiting, not
+        # failing. The guard logs the breaker's changes; one line per intent is noise.
+        log.debug("held back: %s", exc)
+    else:
+        log.warning("transient failure: %s", exc)
     return _retry_or_fail(services, reference, exc,
-                          counts=not isinstance(exc, NotFoundYetError))
+                          counts=not isinstance(exc, NotFoundYetError | HeldBackError))
 
 
 def _restart_basket(services: Services, reference: str, exc: FulfilmentError) -> Decision:

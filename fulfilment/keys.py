@@ -4,10 +4,17 @@ All start with the deployment's prefix, so one Redis can hold several
 deployments, or several test runs, side by side.
 
 A key of one intent puts the reference between braces, ``<prefix>:{<ref>}:ledger``:
-no reference may hold a brace and no other key does, so no reference, however
+no reference may hold a brace and no other key has one right after the prefix
+(the Onebox guard's keys tag theirs after ``onebox:``), so no reference, however
 it is spelled (``open``, ``a:lease``, ``x}:ledger``...), can name a key of ours
 or of another intent. The braces are also a Redis Cluster hash tag: every key
 of one intent lands in one slot.
+
+A batch (the intent's ``batch`` field, spelled by the same rule as a reference)
+has keys of the same shape, ``<prefix>:{<batch>}:batch...``: their suffixes
+(``batch``, ``batch:open``, ``batch:members``) are none of an intent's
+(``ledger``, ``lease``), so a batch id equal to a reference reaches no key of
+that intent, and the batch's keys share a slot of their own.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ class Keys:
     def intent_key(self, reference: str, kind: str) -> str:
         """A key of one intent; the reference is the hash tag (see the module docstring)."""
         if "{" in reference or "}" in reference:
-            raise ValueError("a reference cannot hold braces")
+            raise ValueError("a reference or batch id cannot hold braces")
         return f"{self.prefix}:{{{reference}}}:{kind}"
 
     def ledger(self, reference: str) -> str:
@@ -43,6 +50,19 @@ class Keys:
         """String with expiry: which worker is acting on an intent now."""
         return self.intent_key(reference, "lease")
 
+    # --- batches: counters kept by the ledger's scripts ----------------------------
+    def batch(self, batch_id: str) -> str:
+        """Hash: how many of a batch's intents were admitted, and how many ended how."""
+        return self.intent_key(batch_id, "batch")
+
+    def batch_open(self, batch_id: str) -> str:
+        """Sorted set: a batch's references without an outcome, scored by admission time."""
+        return self.intent_key(batch_id, "batch:open")
+
+    def batch_members(self, batch_id: str) -> str:
+        """Sorted set: every reference admitted in a batch, scored by admission order."""
+        return self.intent_key(batch_id, "batch:members")
+
     @property
     def intake(self) -> str:
         """List: plain JSON intents pushed by producers in any language."""
@@ -60,6 +80,14 @@ class Keys:
     @property
     def sweep_lock(self) -> str:
         return f"{self.prefix}:sweep:lock"
+
+    def onebox_guard(self, scope: str, kind: str) -> str:
+        """A key of the fleet's shared Onebox limits (``rate``, ``breaker``, ``probe``).
+
+        ``scope`` names one Onebox account (a hash of host and channel). It is the
+        hash tag, so the keys one script touches share a Redis Cluster slot.
+        """
+        return f"{self.prefix}:onebox:{{{scope}}}:{kind}"
 
     # --- broker names (queues and exchanges) -----------------------------------
     @property

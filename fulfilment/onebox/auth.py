@@ -24,6 +24,7 @@ from marshmallow import ValidationError
 
 from fulfilment.config import Settings
 from fulfilment.errors import TransientError
+from fulfilment.onebox.guard import OneboxGuard, guarded
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, parse_retry_after
 from fulfilment.redis_text import text
 from schemas.onebox import load_api_error, load_token
@@ -85,8 +86,12 @@ class TokenProvider:
         redis_client: redis.Redis,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        guard: OneboxGuard | None = None,
     ) -> None:
         self._settings = settings
+        #: The fleet's rate limit and breaker: a token request is a call like any other.
+        self._guard = guard
         self._redis = redis_client
         self._session = session or requests.Session()
         self._clock = clock
@@ -176,12 +181,12 @@ class TokenProvider:
         }
         started = self._clock()
         try:
-            response = self._session.post(
+            response = guarded(self._guard, STEP, lambda: self._session.post(
                 settings.token_url,
                 data=form,
                 headers={"Accept": "application/json"},
                 timeout=(settings.onebox_connect_timeout, settings.onebox_read_timeout),
-            )
+            ))
         except requests.RequestException as exc:
             # Asking for a token twice is harmless: every failure here is transient.
             raise classify_send_error(exc, step=STEP, idempotent=True) from exc

@@ -5,7 +5,8 @@ error kinds (see ``fulfilment.errors``). The client itself never retries a
 call, with one exception the contract asks for: a 401 renews the token and
 repeats the call once (Onebox did nothing with a request it refused).
 Retrying anything else is a decision of the purchase flow, which knows whether
-the step is safe to repeat.
+the step is safe to repeat. Every call, the token's too, passes the fleet's
+rate limit and circuit breaker first (``fulfilment.onebox.guard``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from requests.adapters import HTTPAdapter
 from fulfilment.config import Settings
 from fulfilment.errors import OutcomeUnknownError, TransientError
 from fulfilment.onebox.auth import AUTH_RETRY_AFTER, TokenProvider
+from fulfilment.onebox.guard import OneboxGuard, guarded
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, error_for_response
 from schemas.intent import AutoItem, Buyer, SeatRef
 from schemas.onebox import Order, load_order
@@ -39,10 +41,12 @@ class OneboxClient:
     """A keep-alive HTTP session to Onebox plus a token provider."""
 
     def __init__(self, settings: Settings, tokens: TokenProvider,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None,
+                 guard: OneboxGuard | None = None) -> None:
         self._settings = settings
         self._tokens = tokens
         self._session = session or new_session()
+        self._guard = guard
         self._base = settings.onebox_api_url
         self._timeout = (settings.onebox_connect_timeout, settings.onebox_read_timeout)
 
@@ -144,8 +148,9 @@ class OneboxClient:
         if order_id is not None:
             headers[ORDER_HEADER] = order_id
         try:
-            return self._session.request(method, f"{self._base}{path}", headers=headers, json=json,
-                                         params=params, timeout=self._timeout)
+            return guarded(self._guard, step, lambda: self._session.request(
+                method, f"{self._base}{path}", headers=headers, json=json, params=params,
+                timeout=self._timeout))
         except requests.RequestException as exc:
             raise classify_send_error(exc, step=step, idempotent=method == "GET") from exc
 
@@ -167,6 +172,8 @@ def new_session() -> requests.Session:
 
 
 def build_client(settings: Settings, redis_client: redis.Redis) -> OneboxClient:
-    """A client and token provider sharing one HTTP session."""
+    """A client and token provider sharing one HTTP session and the fleet's guard."""
     session = new_session()
-    return OneboxClient(settings, TokenProvider(settings, redis_client, session), session)
+    guard = OneboxGuard.for_settings(settings, redis_client)
+    tokens = TokenProvider(settings, redis_client, session, guard=guard)
+    return OneboxClient(settings, tokens, session, guard)

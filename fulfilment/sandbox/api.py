@@ -46,6 +46,8 @@ CONTROL = "/__sandbox"
 CLIENT_ID = "seller-channel-client"
 #: The settings ``/__sandbox/config`` takes besides the ``Behaviour`` switches.
 SETTINGS = ("token_ttl", "basket_ttl", "max_items")
+#: Seconds of per-second call counts the audit keeps (the newest).
+PER_SECOND_KEPT = 3600
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -174,6 +176,9 @@ class SandboxApp:
         self.tokens = TokenStore(clock)
         self.token_ttl = options.token_ttl
         self.requests: dict[str, int] = {}
+        #: Unix second -> [calls that reached an endpoint, of them refused by the rate limit].
+        self.per_second: dict[int, list[int]] = {}
+        self._clock = clock
         self.faults = FaultInjector(options.faults, options.seed)
         self._routes: dict[str, dict[str, Route]] = {
             "/oauth/token": {"POST": Route("token", self._token, auth=False)},
@@ -213,6 +218,7 @@ class SandboxApp:
         endpoint = route.endpoint
         self.requests[endpoint] = self.requests.get(endpoint, 0) + 1
         decision = self.faults.decide(endpoint)
+        self._count_second(decision.outcome == "rate_limit")
         if decision is OK:
             return self._call(route, request)
         outcome = decision.outcome
@@ -220,6 +226,17 @@ class SandboxApp:
                 or (outcome == "late" and decision.late > 0)):
             return self._delayed(route, request, decision)
         return self._outcome(route, request, decision)
+
+    def _count_second(self, rate_limited: bool) -> None:
+        second = int(self._clock())
+        counts = self.per_second.get(second)
+        if counts is None:
+            counts = self.per_second[second] = [0, 0]
+            if len(self.per_second) > PER_SECOND_KEPT:
+                del self.per_second[next(iter(self.per_second))]
+        counts[0] += 1
+        if rate_limited:
+            counts[1] += 1
 
     @property
     def behaviour(self) -> Behaviour:
@@ -477,6 +494,8 @@ class SandboxApp:
     def _audit(self, _: Request) -> dict[str, Any]:
         audit = self.state.audit()
         audit["requests"] = dict(self.requests)
+        audit["per_second"] = {str(second): {"requests": calls, "rate_limited": limited}
+                               for second, (calls, limited) in self.per_second.items()}
         audit["faults"] = {name: dict(kinds) for name, kinds in self.faults.counts.items()}
         audit["tokens_issued"] = self.tokens.issued
         return audit
@@ -549,5 +568,6 @@ class SandboxApp:
         self.tokens.revoke_all()
         self.tokens.issued = 0
         self.requests.clear()
+        self.per_second.clear()
         self.faults = FaultInjector(FaultPlan(), options.seed)
         return {"ok": True}

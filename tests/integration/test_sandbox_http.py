@@ -442,7 +442,12 @@ def test_rate_limit(api: Api, sandbox: RunningSandbox) -> None:
     assert_error(response, 429, "TOO_MANY_REQUESTS")
     assert response.headers["Retry-After"] == "1"
     assert sandbox.admin.health()  # control endpoints are never limited
-    assert sandbox.admin.audit()["faults"] == {"create": {"rate_limit": 1}}
+    audit = sandbox.admin.audit()
+    assert audit["faults"] == {"create": {"rate_limit": 1}}
+    # Every call is also counted in the second it arrived (token and four creates)
+    assert all(second.isdigit() for second in audit["per_second"])
+    assert sum(c["requests"] for c in audit["per_second"].values()) == 5
+    assert sum(c["rate_limited"] for c in audit["per_second"].values()) == 1
 
 
 def test_fault_plan_control(sandbox: RunningSandbox) -> None:

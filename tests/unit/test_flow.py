@@ -734,3 +734,21 @@ def test_an_order_read_back_in_basket_after_a_confirm_starts_a_new_basket(
     assert isinstance(world.run(reference), Proceed)
     assert world.results()[0].status == "confirmed"
     assert world.onebox.calls.count("create") == 2
+
+
+def test_calls_the_guard_held_back_use_up_no_attempts(world: World) -> None:
+    from fulfilment.errors import CircuitOpenError, RateLimitedError
+
+    reference = world.submit()
+    # Held back by the open breaker more often than max_attempts (5) allows failures
+    for attempt in range(1, 9):
+        world.onebox.failures["create"] = [CircuitOpenError("open", step="create",
+                                                            retry_after=3.0)]
+        assert world.run(reference, attempt=attempt) == RetryIn(3.0, "CIRCUIT_OPEN")
+    # A seats call the rate limit held back was never sent: the basket is kept
+    world.onebox.failures["seats"] = [RateLimitedError("no slot", step="seats", retry_after=2.0)]
+    assert world.run(reference, attempt=9) == RetryIn(2.0, "RATE_LIMITED")
+    assert isinstance(world.run(reference, attempt=10), Proceed)
+    assert world.onebox.calls.count("create") == 9 and world.onebox.released == []
+    [result] = world.results()
+    assert result.status == "confirmed"

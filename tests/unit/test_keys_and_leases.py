@@ -16,7 +16,8 @@ ALPHABET = string.ascii_letters + string.digits + "._:-"
 #: References spelled like the keys we own, and like other intents' keys.
 KEY_LIKE = ["open", "ledger", "ledger:open", "lease", "intake", "intake:processing",
             "intake:lock", "sweep:lock", "broker", "onebox:token", "a:lease", "x:ledger",
-            "fulfilment:ledger:open", "{x}", "fulfilment.results"]
+            "fulfilment:ledger:open", "{x}", "fulfilment.results", "batch", "batch:open",
+            "batch:members", "x:batch", "b1", "ledger:batch"]
 references = st.one_of(st.text(ALPHABET, min_size=1, max_size=64),
                        st.sampled_from([k for k in KEY_LIKE if "{" not in k]))
 prefixes = st.text(string.ascii_letters + string.digits + "_.-", min_size=1, max_size=16)
@@ -38,6 +39,26 @@ def test_no_reference_reaches_a_key_of_ours_or_of_another_intent(
     assert not mine & fixed_keys(keys)
     if first != second:
         assert not mine & {keys.ledger(second), keys.lease(second)}
+
+
+def batch_keys(keys: Keys, batch: str) -> set[str]:
+    return {keys.batch(batch), keys.batch_open(batch), keys.batch_members(batch)}
+
+
+@given(prefixes, references, references, references)
+def test_no_batch_id_reaches_a_key_of_an_intent_of_ours_or_of_another_batch(
+        prefix: str, batch: str, reference: str, other: str) -> None:
+    # A batch id is spelled by the rule of a reference; it may even equal one
+    keys = Keys(prefix)
+    mine = batch_keys(keys, batch)
+    assert len(mine) == 3
+    assert not mine & fixed_keys(keys)
+    for ref in (reference, batch):
+        assert not mine & {keys.ledger(ref), keys.lease(ref)}
+    if other != batch:
+        assert not mine & batch_keys(keys, other)
+    for key in mine:
+        assert key[key.index("{") + 1:key.index("}")] == batch
 
 
 @given(prefixes, references)
