@@ -12,6 +12,7 @@ from typing import IO
 
 import click
 
+from fulfilment.bulk import BATCH_ID
 from fulfilment.config import SETTINGS, Settings, settings_table
 from fulfilment.errors import ConfigError
 from fulfilment.keys import Keys
@@ -93,6 +94,37 @@ def results(jsonl: IO[str] | None, count: int | None, idle_timeout: float | None
                 if count is not None and seen >= count:
                     break
     click.echo(f"{seen} message(s) read", err=True)
+
+
+@cli.group()
+def batch() -> None:
+    """How a batch of intents stands (the intents' ``batch`` field; ``submit --batch``)."""
+
+
+@batch.command("status")
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def batch_status(batch_id: str, as_json: bool) -> None:
+    """Counts by state and the oldest open intent, from the ledger (exit 1 if unknown)."""
+    from fulfilment.batches import batch_status as read_status
+    from fulfilment.batches import describe
+    from fulfilment.wiring import redis_client
+
+    settings_ = load_settings()
+    if not BATCH_ID.fullmatch(batch_id):
+        raise click.BadParameter("a batch id is 1-64 of A-Z a-z 0-9 . _ : -",
+                                 param_hint="BATCH_ID")
+    client = redis_client(settings_)
+    try:
+        status = read_status(client, Keys(settings_.key_prefix), batch_id)
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(status.as_dict(), sort_keys=True))
+    else:
+        click.echo("\n".join(describe(status)))
+    if not status.exists:
+        raise SystemExit(1)
 
 
 def _emit(jsonl: IO[str] | None, line: str, summary: str) -> None:

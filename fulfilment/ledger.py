@@ -14,18 +14,28 @@ One Redis hash per intent. Fields: ``intent`` (the payload, JSON),
 still hold seats, JSON list of order ids)
 (when an abandoned basket of unknown contents lets go of its seats),
 ``attempts``, ``outcome`` (the result, JSON, written once), ``published``,
-``updated_at``.
+``updated_at``, ``batch`` (the intent's batch id, or empty).
+
+A batch's counters (``Keys.batch``: ``admitted``, ``confirmed``, ``failed``,
+``failed:<code>``, ``unsettled``, ``published``, ``created_at``,
+``updated_at``), its references without an outcome (``Keys.batch_open``) and
+all its references (``Keys.batch_members``) are kept by the same scripts, in
+the same atomic step as the entry's own change: admission counts it, writing
+the outcome counts its status and closes it, settling moves it from
+``unsettled`` to its final status, publishing counts it. So the counters
+always agree with the entries; ``fulfilment.batches`` reads them.
 """
 
 from __future__ import annotations
 
 import contextvars
 import enum
+import hashlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +46,7 @@ import redis
 from fulfilment.errors import PermanentError, TransientError
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
+from schemas import canonical_json
 from schemas.intent import PurchaseIntent, dump_intent, load_intent
 from schemas.result import OrderResult, dump_result, load_result
 
@@ -53,10 +64,11 @@ class Admission(enum.Enum):
     CONFLICT = "conflict"  # same reference, different payload: refused
 
 
-# KEYS: ledger key, open-intents zset. ARGV: fingerprint, intent json,
-# submitted_at, now, retention seconds, reference, submission id. The
-# submission id makes a call that redis-py retried after a timeout answer "new"
-# again, rather than "duplicate" of itself.
+# KEYS: ledger key, open-intents zset, then (when ARGV[8] names a batch) the batch's
+# counters, open set and members. ARGV: fingerprint, intent json, submitted_at, now,
+# retention seconds, reference, submission id, batch id or ''. The submission id
+# makes a call that redis-py retried after a timeout answer "new" again, rather
+# than "duplicate" of itself (and count nothing twice).
 _ADMIT = """
 local existing = redis.call('HGET', KEYS[1], 'fingerprint')
 if existing then
@@ -66,9 +78,18 @@ if existing then
 end
 redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'intent', ARGV[2], 'submission', ARGV[7],
            'submitted_at', ARGV[3], 'updated_at', ARGV[4], 'items_done', 0,
-           'attempts', 0, 'baskets', 0, 'buyer_set', 0, 'confirm_sent', 0, 'published', 0)
+           'attempts', 0, 'baskets', 0, 'buyer_set', 0, 'confirm_sent', 0, 'published', 0,
+           'batch', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+if ARGV[8] ~= '' then
+  local n = redis.call('HINCRBY', KEYS[3], 'admitted', 1)
+  redis.call('HSETNX', KEYS[3], 'created_at', ARGV[4])
+  redis.call('HSET', KEYS[3], 'updated_at', ARGV[4])
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[6])
+  redis.call('ZADD', KEYS[5], n, ARGV[6])
+  for i = 3, 5 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+end
 return 'new'
 """
 
@@ -93,33 +114,80 @@ if ARGV[5] ~= '' then return redis.call('HINCRBY', KEYS[1], ARGV[5], 1) end
 return 0
 """
 
-# Write the outcome once. KEYS and the first four ARGV as _RECORD; ARGV[5]: outcome
+# The scripts that change what a batch counts (finish, settle, publish) take the
+# batch too: KEYS[4..6] the batch's counters, open set and members (absent when
+# the caller names no batch), ARGV[5] its id or ''. The entry's own ``batch`` field
+# decides: a caller that named another batch (or none, for an entry that has one)
+# gets -3 and asks again with the right one; an entry admitted before batches
+# were counted (no field) counts nothing. ``tally`` adds (or, with -1, takes back)
+# an outcome in its batch's counters.
+_BATCH_GUARD = _GUARD + """
+local batch = redis.call('HGET', KEYS[1], 'batch')
+if batch == false or batch == '' then batch = nil
+elseif batch ~= ARGV[5] or #KEYS < 6 then return -3 end
+local function touch()
+  redis.call('HSET', KEYS[4], 'updated_at', ARGV[1])
+  for i = 4, 6 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+end
+local function tally(outcome, by)
+  local result = cjson.decode(outcome)
+  redis.call('HINCRBY', KEYS[4], result['status'], by)
+  if result['status'] == 'failed' and type(result['error']) == 'table' then
+    redis.call('HINCRBY', KEYS[4], 'failed:' .. result['error']['code'], by)
+  end
+  touch()
+end
+"""
+
+# Write the outcome once. KEYS and the first five ARGV as above; ARGV[6]: outcome
 # json. Returns the outcome that stands (ours, or the one written before).
-_FINISH = _GUARD + """
+_FINISH = _BATCH_GUARD + """
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 local existing = redis.call('HGET', KEYS[1], 'outcome')
 if existing then return existing end
-redis.call('HSET', KEYS[1], 'outcome', ARGV[5], 'updated_at', ARGV[1])
-return ARGV[5]
+redis.call('HSET', KEYS[1], 'outcome', ARGV[6], 'updated_at', ARGV[1])
+if batch then
+  redis.call('ZREM', KEYS[5], ARGV[3])
+  tally(ARGV[6], 1)
+end
+return ARGV[6]
 """
 
 # Replace an unsettled outcome by the settled one, to be published again.
 # KEYS and ARGV as _FINISH. Returns the outcome that stands.
-_SETTLE = _GUARD + """
+_SETTLE = _BATCH_GUARD + """
 local existing = redis.call('HGET', KEYS[1], 'outcome')
 if existing and cjson.decode(existing)['status'] ~= 'unsettled' then return existing end
-redis.call('HSET', KEYS[1], 'outcome', ARGV[5], 'published', '0', 'updated_at', ARGV[1])
+local was_published = redis.call('HGET', KEYS[1], 'published') == '1'
+redis.call('HSET', KEYS[1], 'outcome', ARGV[6], 'published', '0', 'updated_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
-return ARGV[5]
+if batch then
+  if existing then tally(existing, -1) else redis.call('ZREM', KEYS[5], ARGV[3]) end
+  if was_published then redis.call('HINCRBY', KEYS[4], 'published', -1) end
+  tally(ARGV[6], 1)
+end
+return ARGV[6]
 """
 
-# The outcome is on the results queue. KEYS and ARGV as _RECORD.
-_PUBLISHED = _GUARD + """
+# The outcome is on the results queue. KEYS and ARGV as _FINISH (no ARGV[6]).
+_PUBLISHED = _BATCH_GUARD + """
+if batch and redis.call('HGET', KEYS[1], 'published') ~= '1' then
+  redis.call('HINCRBY', KEYS[4], 'published', 1)
+  touch()
+end
 redis.call('HSET', KEYS[1], 'published', '1', 'updated_at', ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
 return 0
 """
+
+
+@dataclass(frozen=True)
+class PreparedAdmission:
+    """One admission script call, ready to send: see ``Ledger.prepare_admissions``."""
+
+    keys: list[str]
+    args: list[Any]
 
 
 class UnknownIntentError(PermanentError):
@@ -180,29 +248,78 @@ class Ledger:
         self._clock = clock
         self._intents: dict[str, PurchaseIntent] = {}
         self._intents_lock = threading.Lock()
+        #: The batch of each reference read lately, so publishing names it without a read.
+        self._batches: dict[str, str | None] = {}
         self._admit = client.register_script(_ADMIT)
         self._record = client.register_script(_RECORD)
         self._finish = client.register_script(_FINISH)
         self._settle = client.register_script(_SETTLE)
         self._published = client.register_script(_PUBLISHED)
 
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
     def admit(self, intent: PurchaseIntent, submitted_at: datetime | None = None) -> Admission:
         """Record a new intent, or say it is a duplicate or a conflicting reuse."""
-        submitted = (submitted_at or datetime.fromtimestamp(self._clock(), UTC)).isoformat()
-        answer = self._admit(
-            keys=[self._keys.ledger(intent.reference), self._keys.open_intents],
-            args=[intent.fingerprint(), json.dumps(dump_intent(intent), separators=(",", ":")),
-                  submitted, repr(self._clock()), self._retention, intent.reference,
-                  uuid.uuid4().hex],
-        )
-        return Admission(text(answer))
+        return self.admit_many([intent], submitted_at)[0]
+
+    def admit_many(self, intents: Sequence[PurchaseIntent],
+                   submitted_at: datetime | None = None) -> list[Admission]:
+        """``admit`` for each intent, in order, in one Redis round trip (a pipeline).
+
+        Each admission is its own atomic script, as with ``admit``: a pipeline is
+        not a transaction, and needs none (each answer stands on its own). Redis
+        answers the pipeline once every script in it is done (and, with
+        ``appendfsync always``, on disk).
+        """
+        return self.send_admissions(self.prepare_admissions(intents, submitted_at))
+
+    def prepare_admissions(self, intents: Sequence[PurchaseIntent],
+                           submitted_at: datetime | None = None) -> list[PreparedAdmission]:
+        """The keys and arguments of each intent's admission (the CPU work of ``admit_many``)."""
+        now = self._clock()
+        submitted = (submitted_at or datetime.fromtimestamp(now, UTC)).isoformat()
+        prepared = []
+        for intent in intents:
+            document = dump_intent(intent)
+            keys = [self._keys.ledger(intent.reference), self._keys.open_intents]
+            if intent.batch:
+                keys += self._batch_keys(intent.batch)
+            prepared.append(PreparedAdmission(keys, [
+                hashlib.sha256(canonical_json(document)).hexdigest(),  # the fingerprint
+                json.dumps(document, separators=(",", ":")), submitted, repr(now),
+                self._retention, intent.reference, uuid.uuid4().hex, intent.batch or ""]))
+        return prepared
+
+    def send_admissions(self, prepared: Sequence[PreparedAdmission]) -> list[Admission]:
+        """Run prepared admissions in one round trip; their answers, in order.
+
+        Mostly waiting on the socket: a producer may run it in a thread of its
+        own while it prepares the next admissions.
+        """
+        if not prepared:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for admission in prepared:
+            self._admit(keys=admission.keys, args=admission.args, client=pipe)
+        return [Admission(text(answer)) for answer in pipe.execute()]
+
+    def _batch_keys(self, batch: str) -> list[str]:
+        return [self._keys.batch(batch), self._keys.batch_open(batch),
+                self._keys.batch_members(batch)]
 
     def get(self, reference: str) -> Entry | None:
         raw = self.redis.hgetall(self._keys.ledger(reference))
         if not raw:
             return None
         fields = {text(k): text(v) for k, v in raw.items()}
-        return self._entry(reference, fields)
+        entry = self._entry(reference, fields)
+        with self._intents_lock:
+            if len(self._batches) >= INTENT_CACHE_SIZE:
+                self._batches.pop(next(iter(self._batches)))
+            self._batches[reference] = fields.get("batch") or None
+        return entry
 
     @contextmanager
     def fenced(self, lease_key: str, token: str) -> Iterator[None]:
@@ -227,22 +344,47 @@ class Ledger:
 
     def finish(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Write the outcome unless one stands already; return the one that stands."""
-        return load_result(text(self._write(self._finish, reference, _result_json(outcome))))
+        answer = self._write_counted(self._finish, reference, outcome.batch, _result_json(outcome))
+        return load_result(text(answer))
 
     def settle(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Replace an ``unsettled`` outcome by a settled one (to be published again)."""
-        return load_result(text(self._write(self._settle, reference, _result_json(outcome))))
+        answer = self._write_counted(self._settle, reference, outcome.batch, _result_json(outcome))
+        return load_result(text(answer))
 
     def mark_published(self, reference: str) -> None:
         """The outcome is on the results queue: nothing more is owed for this intent."""
-        self._write(self._published, reference)
+        self._write_counted(self._published, reference, self._batches.get(reference))
 
     def _write(self, script: Any, reference: str, *args: Any) -> Any:
+        return self._check(reference, self._call(script, reference, [], args))
+
+    def _write_counted(self, script: Any, reference: str, batch: str | None, *args: Any) -> Any:
+        """A write that changes what the intent's batch counts (see ``_BATCH_GUARD``).
+
+        ``batch`` is a guess (the outcome's, or the one read last): the script
+        checks it against the entry's and answers -3 when it is wrong; then the
+        entry's own is read and the write made again.
+        """
+        for _ in range(3):
+            keys = self._batch_keys(batch) if batch else []
+            answer = self._call(script, reference, keys, (batch or "", *args))
+            if answer != -3:
+                return self._check(reference, answer)
+            batch = text(self.redis.hget(self._keys.ledger(reference), "batch") or b"") or None
+        raise TransientError(f"the batch of {reference} changed while it was written",
+                             code="BATCH_CHANGED")
+
+    def _call(self, script: Any, reference: str, extra_keys: list[str],
+              args: Sequence[Any]) -> Any:
         fence = _FENCE.get()
         keys = [self._keys.ledger(reference), self._keys.open_intents,
-                fence[0] if fence else self._keys.lease(reference)]
-        answer = script(keys=keys, args=[repr(self._clock()), self._retention, reference,
-                                         fence[1] if fence else "", *args])
+                fence[0] if fence else self._keys.lease(reference), *extra_keys]
+        return script(keys=keys, args=[repr(self._clock()), self._retention, reference,
+                                       fence[1] if fence else "", *args])
+
+    @staticmethod
+    def _check(reference: str, answer: Any) -> Any:
         if answer == -1:
             raise UnknownIntentError(f"no ledger entry for reference {reference}")
         if answer == -2:

@@ -10,15 +10,18 @@ this module never imports Celery.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from marshmallow import ValidationError
 
-from fulfilment.errors import FulfilmentError, InvalidMessageError, PermanentError
+from fulfilment.errors import InvalidMessageError, PermanentError
 from fulfilment.ledger import Admission, Ledger
 from fulfilment.redact import scrub
 from schemas.intent import PurchaseIntent, load_intent
@@ -77,13 +80,25 @@ def reference_of(raw: RawIntent) -> str | None:
     return value if isinstance(value, str) and len(value) <= 64 else None
 
 
+#: Intents admitted per Redis round trip (and dispatched per fan-out message).
+CHUNK = 500
+
+
 class Producer:
-    """Validates, admits and dispatches intents."""
+    """Validates, admits and dispatches intents.
+
+    ``dispatch`` starts the purchase of one admitted reference; ``dispatch_many``
+    of many at once (one broker message for all: see ``tasks.purchase``). Either
+    may fail after admission: the intents stay admitted, and the recovery sweep
+    resumes any admitted intent whose dispatch was lost.
+    """
 
     def __init__(self, ledger: Ledger, dispatch: Callable[[str], None], *,
-                 max_quantity: int) -> None:
+                 max_quantity: int,
+                 dispatch_many: Callable[[Sequence[str]], None] | None = None) -> None:
         self._ledger = ledger
         self._dispatch = dispatch
+        self._dispatch_many = dispatch_many
         self._max_quantity = max_quantity
 
     def submit(self, raw: RawIntent) -> Submission:
@@ -91,25 +106,101 @@ class Producer:
         intent = parse_intent(raw, max_quantity=self._max_quantity)
         admission = self._ledger.admit(intent)
         if admission is Admission.CONFLICT:
-            raise ReferenceConflictError(
-                f"reference {intent.reference} was already used for a different purchase")
+            raise ReferenceConflictError(_conflict(intent.reference))
         if admission is Admission.DUPLICATE:
             log.info("intent %s is a duplicate; taken once already", intent.reference)
             return Submission(intent.reference, DUPLICATE)
         self._dispatch(intent.reference)
         return Submission(intent.reference, ACCEPTED)
 
-    def submit_many(self, intents: Iterable[RawIntent]) -> Iterator[Submission]:
-        """Take each intent in; a refused one is reported, never raised."""
-        for raw in intents:
+    def submit_many(self, intents: Iterable[RawIntent], *, batch: str | None = None,
+                    chunk: int = CHUNK) -> Iterator[Submission]:
+        """Take each intent in, in order; a refused one is reported, never raised.
+
+        Streams: ``chunk`` intents are validated, admitted in one Redis round
+        trip, dispatched, and only then reported (``accepted`` means admitted).
+        While one chunk's admission is in flight (a thread waiting on the socket)
+        the next chunk is validated and prepared here, so the round trip (an
+        fsync, on a durable Redis) costs no validation time; at most two chunks
+        are held at once. With ``batch``, an intent without a
+        batch joins it, and one naming another batch is refused.
+        """
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit") as admitting:
+            in_flight: tuple[Future[list[Admission]], _Chunk] | None = None
+            for group in _groups(intents, chunk):
+                prepared = self._prepare(group, batch)
+                if in_flight is not None:
+                    yield from self._complete(*in_flight)
+                in_flight = (admitting.submit(self._ledger.send_admissions,
+                                              self._ledger.prepare_admissions(prepared.intents)),
+                             prepared)
+            if in_flight is not None:
+                yield from self._complete(*in_flight)
+
+    def _prepare(self, raws: Sequence[RawIntent], batch: str | None) -> _Chunk:
+        prepared = _Chunk([None] * len(raws))
+        for index, raw in enumerate(raws):
             try:
-                yield self.submit(raw)
+                intent = _in_batch(parse_intent(raw, max_quantity=self._max_quantity), batch)
             except InvalidMessageError as exc:
-                yield Submission(reference_of(raw), REFUSED, exc.errors, exc.message)
-            except FulfilmentError as exc:
-                if not isinstance(exc, PermanentError):
-                    raise
-                yield Submission(reference_of(raw), REFUSED, {}, exc.message)
+                prepared.answers[index] = Submission(reference_of(raw), REFUSED, exc.errors,
+                                                     exc.message)
+            else:
+                prepared.indexes.append(index)
+                prepared.intents.append(intent)
+        return prepared
+
+    def _complete(self, admitting: Future[list[Admission]],
+                  prepared: _Chunk) -> list[Submission]:
+        answers = prepared.answers
+        accepted: list[str] = []
+        for index, intent, admission in zip(prepared.indexes, prepared.intents,
+                                            admitting.result(), strict=True):
+            if admission is Admission.CONFLICT:
+                answers[index] = Submission(intent.reference, REFUSED, {},
+                                            _conflict(intent.reference))
+            elif admission is Admission.DUPLICATE:
+                log.info("intent %s is a duplicate; taken once already", intent.reference)
+                answers[index] = Submission(intent.reference, DUPLICATE)
+            else:
+                accepted.append(intent.reference)
+                answers[index] = Submission(intent.reference, ACCEPTED)
+        if accepted:
+            if self._dispatch_many is not None:
+                self._dispatch_many(accepted)
+            else:
+                for reference in accepted:
+                    self._dispatch(reference)
+        return [answer for answer in answers if answer is not None]
+
+
+@dataclass
+class _Chunk:
+    """One chunk on its way in: answers known so far, and the intents to admit."""
+
+    answers: list[Submission | None]
+    indexes: list[int] = field(default_factory=list)
+    intents: list[PurchaseIntent] = field(default_factory=list)
+
+
+def _groups(items: Iterable[RawIntent], size: int) -> Iterator[list[RawIntent]]:
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
+
+
+def _conflict(reference: str) -> str:
+    return f"reference {reference} was already used for a different purchase"
+
+
+def _in_batch(intent: PurchaseIntent, batch: str | None) -> PurchaseIntent:
+    """The intent in ``batch``: given it when it names none, refused when it names another."""
+    if batch is None or intent.batch == batch:
+        return intent
+    if intent.batch is None:
+        return dataclasses.replace(intent, batch=batch)
+    raise InvalidMessageError("invalid purchase intent", {
+        "batch": [f"Names another batch than this upload's ({batch})."]})
 
 
 def describe_errors(errors: Mapping[Any, Any] | list[Any], path: str = "") -> list[str]:

@@ -134,8 +134,16 @@ class PurchaseIntent:
     schema_version: int = 1
 
     def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON of this intent: tells a redelivery from a conflict."""
-        return hashlib.sha256(canonical_json(dump_intent(self))).hexdigest()
+        """SHA-256 of the canonical JSON of this intent: tells a redelivery from a conflict.
+
+        The ``batch`` is left out: it groups intents for reporting and is not
+        part of the purchase, so the same intent uploaded again in another
+        batch (a file resubmitted under another name) is a duplicate, not a
+        conflict.
+        """
+        document = dump_intent(self)
+        document.pop("batch", None)
+        return hashlib.sha256(canonical_json(document)).hexdigest()
 
 
 class SeatSchema(StrictSchema):

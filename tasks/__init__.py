@@ -1,11 +1,12 @@
 """The Celery layer: the app, thin tasks, and the Python producer API.
 
 ``celery -A tasks worker`` finds ``tasks.app``. Producers call ``submit`` or
-``submit_many``; both validate before anything is enqueued.
+``submit_many``; both validate before anything is enqueued. ``batch_status``
+tells how a batch stands, from the ledger.
 """
 
 from tasks import startup  # noqa: F401  (the worker's start-up checks)
 from tasks.app import app
-from tasks.producer import submit, submit_many
+from tasks.producer import batch_status, submit, submit_many
 
-__all__ = ["app", "submit", "submit_many"]
+__all__ = ["app", "batch_status", "submit", "submit_many"]

@@ -6,25 +6,42 @@ the Celery-free group in ``fulfilment.cli`` and is the console script.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 import click
+import redis
 from kombu import Connection
+from kombu.exceptions import OperationalError
 
+from fulfilment.bulk import BATCH_ID, Reader, Record
 from fulfilment.cli import cli, load_settings
 from fulfilment.config import Settings
 from fulfilment.errors import ConfigError, FulfilmentError
 from fulfilment.keys import Keys
-from fulfilment.producer import ACCEPTED, DUPLICATE, REFUSED, Submission, describe_errors
+from fulfilment.producer import (
+    ACCEPTED,
+    CHUNK,
+    DUPLICATE,
+    REFUSED,
+    Submission,
+    describe_errors,
+)
+from fulfilment.progress import Progress
 from fulfilment.results import consume_results
 from fulfilment.topology import Topology
 from schemas.result import CONFIRMED, OrderResult
+
+#: Seconds between two reads of a batch's status while ``submit --wait`` follows it.
+WAIT_POLL = 1.0
 
 
 @cli.command()
@@ -98,33 +115,156 @@ def _report(outcomes: list[OrderResult], expected: int, elapsed: float, quiet: b
 
 
 @cli.command()
-@click.argument("source", type=click.File("r"))
-@click.option("--quiet", is_flag=True, help="Only the summary.")
-def submit(source: IO[str], quiet: bool) -> None:
-    """Enqueue the intents of a JSONL file ('-' for stdin); report what was refused."""
-    from tasks.producer import submit_many
+@click.argument("source", type=click.Path(dir_okay=False, allow_dash=True, path_type=str))
+@click.option("--format", "file_format", type=click.Choice(["auto", "jsonl", "csv"]),
+              default="auto", show_default=True,
+              help="File format; auto: CSV for a name ending in .csv, else JSONL.")
+@click.option("--batch", "batch_id", default=None,
+              help="Batch id of this upload (intents without one join it; one naming another "
+                   "is refused). Default: the batch the first intent names, else the file's "
+                   "name and a digest of its content.")
+@click.option("--wait", is_flag=True,
+              help="Then follow the batch until every intent has an outcome; print a summary "
+                   "and write the results file.")
+@click.option("--results", "results_path", default=None,
+              type=click.Path(dir_okay=False, writable=True, path_type=Path),
+              help="With --wait: where to write the results, one JSON line each "
+                   "[default: BATCH.results.jsonl].")
+@click.option("--wait-timeout", type=float, default=None,
+              help="With --wait: give up after this many seconds (exit 1) [default: none].")
+@click.option("--chunk", type=click.IntRange(1, 10_000), default=CHUNK, show_default=True,
+              help="Intents admitted per Redis round trip and started per fan-out message.")
+@click.option("--quiet", is_flag=True, help="No duplicate lines, no progress; the summary.")
+def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
+           results_path: Path | None, wait_timeout: float | None, chunk: int,
+           quiet: bool) -> None:
+    """Submit the intents of a JSONL or CSV file ('-' for stdin), streamed in chunks.
 
+    Refused lines are listed with their line number, field and reason, and the
+    rest go on; the exit code is 1 if any was refused (or, with --wait, if any
+    intent is unsettled or the wait timed out).
+    """
+    from fulfilment.bulk import (
+        BulkFileError,
+        batch_named,
+        default_batch,
+        format_of,
+        reader_for,
+    )
+
+    if batch_id is not None and not BATCH_ID.fullmatch(batch_id):
+        raise click.BadParameter("a batch id is 1-64 of A-Z a-z 0-9 . _ : -",
+                                 param_hint="--batch")
     _require_durable()
-    counts: Counter[str] = Counter()
-    # Streamed: tee keeps one line of lag between the numbers and the submissions.
-    numbered, raws = itertools.tee(_lines(source))
-    for (number, _), submission in zip(numbered, submit_many(raw for _, raw in raws),
-                                       strict=True):
-        counts[submission.status] += 1
-        if submission.status == REFUSED:
-            _say_refused(number, submission)
-        elif not quiet and submission.status == DUPLICATE:
-            click.echo(f"line {number}: {submission.reference}: duplicate, taken once already")
+    path = None if source == "-" else Path(source)
+    with contextlib.ExitStack() as stack:
+        stream: IO[bytes] = sys.stdin.buffer if path is None else \
+            stack.enter_context(path.open("rb"))
+        reader = reader_for(stream, format_of(source, file_format))
+        try:
+            records = iter(reader)
+            first = next(records, None)  # the upload's batch may be the one it names
+            batch = batch_id or (first and batch_named(first)) or default_batch(path)
+            click.echo(f"batch {batch}")
+            total = path.stat().st_size if path is not None and path.is_file() else None
+            progress = stack.enter_context(
+                Progress("submitting", total, "intents", terminal=False if quiet else None,
+                         every=3600.0 if quiet else 5.0))
+            counts = _submit_records(
+                itertools.chain([first] if first else [], records), reader=reader, batch=batch,
+                chunk=chunk, quiet=quiet, progress=progress)
+        except BulkFileError as exc:
+            raise click.ClickException(exc.message) from None
+        except (redis.RedisError, OperationalError, ConnectionError) as exc:
+            click.echo(f"stopped: {type(exc).__name__} talking to Redis or the broker. The "
+                       f"intents admitted so far are kept (the recovery sweep starts any whose "
+                       f"dispatch was lost); submit again with --batch {batch} to go on: "
+                       "lines already taken are duplicates.", err=True)
+            raise SystemExit(1) from None
     click.echo(f"{counts[ACCEPTED]} enqueued, {counts[DUPLICATE]} duplicates, "
                f"{counts[REFUSED]} refused")
-    if counts[REFUSED]:
+    failed = bool(counts[REFUSED])
+    if wait:
+        failed = not _wait_for_batch(batch, results_path, wait_timeout, quiet) or failed
+    if failed:
         raise SystemExit(1)
 
 
-def _lines(source: IO[str]) -> Iterator[tuple[int, str]]:
-    for number, line in enumerate(source, start=1):
-        if line.strip():
-            yield number, line
+def _submit_records(records: Iterator[Record], *, reader: Reader, batch: str, chunk: int,
+                    quiet: bool, progress: Progress) -> Counter[str]:
+    """Submit the reader's records as one stream; report refused lines as they come.
+
+    The records on their way (at most about two chunks: the producer reads one
+    ahead) wait in a queue to be matched with their submissions, in order; a
+    record refused by the reader itself is reported in its place.
+    """
+    from tasks.producer import producer
+
+    counts: Counter[str] = Counter()
+    waiting: deque[Record] = deque()
+
+    def sendable() -> Iterator[bytes | dict[str, Any]]:
+        for record in records:
+            waiting.append(record)
+            if record.raw is not None:
+                yield record.raw
+
+    def report(record: Record, submission: Submission) -> None:
+        counts[submission.status] += 1
+        if submission.status == REFUSED:
+            _say_refused(record.line, submission)
+        elif not quiet and submission.status == DUPLICATE:
+            click.echo(f"line {record.line}: {submission.reference}: duplicate, "
+                       "taken once already")
+
+    def unreadable() -> None:
+        while waiting and waiting[0].raw is None:
+            record = waiting.popleft()
+            report(record, Submission(record.reference, REFUSED, record.errors,
+                                      "invalid purchase intent"))
+
+    for number, submission in enumerate(
+            producer().submit_many(sendable(), batch=batch, chunk=chunk), start=1):
+        unreadable()
+        report(waiting.popleft(), submission)
+        if number % chunk == 0:
+            progress.update(reader.bytes_read, sum(counts.values()))
+    unreadable()
+    progress.update(reader.bytes_read, sum(counts.values()))
+    return counts
+
+
+def _wait_for_batch(batch: str, results_path: Path | None, timeout: float | None,
+                    quiet: bool) -> bool:
+    """Follow the batch in the ledger until every intent has an outcome; summary and
+    results file. False if it timed out or some intents are unsettled."""
+    from fulfilment.batches import batch_outcomes, batch_status, describe
+    from tasks import runtime
+
+    services = runtime.services()
+    client, keys = services.ledger.redis, services.ledger.keys
+    status = batch_status(client, keys, batch)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with Progress("purchasing", status.admitted, "outcomes",
+                  terminal=False if quiet else None, every=3600.0 if quiet else 10.0) as bar:
+        while not status.done and status.exists:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(WAIT_POLL)  # the ledger is polled: three commands, any batch size
+            status = batch_status(client, keys, batch)
+            bar.update(status.outcomes, status.outcomes)
+    click.echo("\n".join(describe(status)))
+    path = results_path or Path(f"{batch}.results.jsonl")
+    written = 0
+    with path.open("w", encoding="utf-8") as out:
+        for result in batch_outcomes(client, keys, batch):
+            out.write(json.dumps(result, sort_keys=True) + "\n")
+            written += 1
+    click.echo(f"{written:,} results written to {path}")
+    if not status.done:
+        click.echo(f"gave up waiting: {status.in_progress:,} intents have no outcome yet "
+                   f"(fulfilment batch status {batch})", err=True)
+    return status.done and not status.unsettled
 
 
 def _say_refused(number: int, submission: Submission) -> None:

@@ -1,14 +1,18 @@
-"""The Python producer API: ``submit(intent)`` and ``submit_many(intents)``.
+"""The Python producer API: ``submit``, ``submit_many`` and ``batch_status``.
 
-Both validate with the intent schema and admit to the ledger before anything
-is enqueued; see ``fulfilment.producer`` for what each answer means.
+Both submits validate with the intent schema and admit to the ledger before
+anything is enqueued; see ``fulfilment.producer`` for what each answer means.
+``submit_many`` admits a chunk of intents per Redis round trip and starts their
+purchases with one fan-out message per chunk (``tasks.purchase.dispatch_batch``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from fulfilment.producer import Producer, RawIntent, Submission
+from fulfilment import batches
+from fulfilment.batches import BatchStatus
+from fulfilment.producer import CHUNK, Producer, RawIntent, Submission
 from tasks import runtime
 
 
@@ -18,11 +22,12 @@ def producer() -> Producer:
     "Accepted" is a promise: with ``appendfsync always`` Redis answers the
     admission only once it is on disk, so a host crash cannot take it back.
     """
-    from tasks.purchase import dispatch
+    from tasks.purchase import dispatch, dispatch_many
 
     services = runtime.services()
     runtime.check_durable_once()
-    return Producer(services.ledger, dispatch, max_quantity=services.settings.max_quantity)
+    return Producer(services.ledger, dispatch, max_quantity=services.settings.max_quantity,
+                    dispatch_many=dispatch_many)
 
 
 def submit(intent: RawIntent) -> Submission:
@@ -30,6 +35,14 @@ def submit(intent: RawIntent) -> Submission:
     return producer().submit(intent)
 
 
-def submit_many(intents: Iterable[RawIntent]) -> Iterator[Submission]:
-    """Validate, admit and enqueue each intent; refused ones are reported, not raised."""
-    return producer().submit_many(intents)
+def submit_many(intents: Iterable[RawIntent], *, batch: str | None = None,
+                chunk: int = CHUNK) -> Iterator[Submission]:
+    """Validate, admit and enqueue each intent, ``chunk`` per round trip; refused ones
+    are reported, not raised. With ``batch``, intents without one join it."""
+    return producer().submit_many(intents, batch=batch, chunk=chunk)
+
+
+def batch_status(batch: str) -> BatchStatus:
+    """How the batch stands, from the ledger: counts by state, the oldest open intent."""
+    services = runtime.services()
+    return batches.batch_status(services.ledger.redis, services.ledger.keys, batch)

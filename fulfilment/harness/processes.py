@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -196,6 +197,49 @@ class RedisServer(Child):
         report = cut_to_synced(self.aof_dir, self.sync_log)
         self._spawn()
         return report
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a command ran: its exit code, output, peak memory and time."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_kib: int  # the process's own high-water mark of resident memory
+    wall: float  # seconds
+    cpu: float  # seconds of user and system CPU
+
+
+def run_measured(args: list[str], env: Mapping[str, str], *, timeout: float,
+                 directory: Path) -> Finished:
+    """Run a command to its end; its own peak RSS (``wait4``'s ``ru_maxrss``), wall and CPU.
+
+    Output goes to files in ``directory`` (no pipe to fill), so a command that
+    prints a lot cannot block on it.
+    """
+    name = f"run-{uuid.uuid4().hex[:8]}"
+    out, err = directory / f"{name}.out", directory / f"{name}.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        started = time.monotonic()
+        process = subprocess.Popen(args, stdout=stdout, stderr=stderr,
+                                   env={**os.environ, **env})
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise AssertionError(f"{args[:6]} did not finish in {timeout}s:\n"
+                                     f"{err.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.05)
+        wall = time.monotonic() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return Finished(process.returncode, out.read_text(errors="replace"),
+                    err.read_text(errors="replace"), usage.ru_maxrss, wall,
+                    usage.ru_utime + usage.ru_stime)
 
 
 def unique_prefix(kind: str = "t") -> str:
