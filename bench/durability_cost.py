@@ -70,7 +70,6 @@ import redis  # noqa: E402
 from fulfilment.config import Settings  # noqa: E402
 from fulfilment.harness.cluster import Cluster  # noqa: E402
 from fulfilment.harness.processes import (  # noqa: E402
-    Child,
     RedisServer,
     SandboxProcess,
     child_pids,
@@ -98,37 +97,8 @@ SYSCALLS = ("syscalls:sys_enter_fsync", "syscalls:sys_enter_fdatasync")
 
 
 # --- processes ------------------------------------------------------------------------
-class VolatileRedis(Child):
-    """redis-server with no persistence at all; otherwise started as RedisServer starts it."""
-
-    def __init__(self, directory: Path, port: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        super().__init__(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                          "--dir", str(directory), "--appendonly", "no", "--save", "",
-                          "--maxmemory-policy", "noeviction"],
-                         directory / "redis-1.log", {})
-        wait_for(self._ping, timeout=20, what="redis-server to answer")
-
-    def _ping(self) -> bool:
-        try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
-        except redis.RedisError:
-            if not self.alive():
-                raise AssertionError(f"redis-server exited:\n{self.output()}") from None
-            return False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-def start_redis(appendfsync: str | None, directory: Path) -> VolatileRedis | RedisServer:
-    server: VolatileRedis | RedisServer
-    if appendfsync is None:
-        server = VolatileRedis(directory, free_port())
-    else:
-        server = RedisServer(directory, free_port(), appendfsync=appendfsync)
+def start_redis(appendfsync: str | None, directory: Path) -> RedisServer:
+    server = RedisServer(directory, free_port(), appendfsync=appendfsync)
     found = redis.Redis(port=server.port, decode_responses=True).config_get("append*")
     wanted = {"appendonly": "no"} if appendfsync is None else {"appendonly": "yes",
                                                                 "appendfsync": appendfsync}

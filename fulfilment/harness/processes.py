@@ -129,10 +129,11 @@ class RedisServer(Child):
     change after start-up.
     """
 
-    def __init__(self, directory: Path, port: int, *, appendfsync: str = "everysec",
+    def __init__(self, directory: Path, port: int, *, appendfsync: str | None = "everysec",
                  simulate_host_crash: bool = False) -> None:
-        if appendfsync not in {"always", "everysec", "no"}:
-            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
+        if appendfsync not in {"always", "everysec", "no", None}:
+            raise ValueError(f"appendfsync must be always, everysec, no or None (no "
+                             f"append-only file at all), not {appendfsync!r}")
         self.port = port
         self.directory = directory
         self.appendfsync = appendfsync
@@ -151,9 +152,9 @@ class RedisServer(Child):
     def _spawn(self) -> None:
         self._start_count += 1
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.directory), "--appendonly", "yes",
-                "--appendfsync", self.appendfsync, "--save", "",
-                "--maxmemory-policy", "noeviction"]
+                "--dir", str(self.directory), "--save", "", "--maxmemory-policy", "noeviction"]
+        args += (["--appendonly", "no"] if self.appendfsync is None
+                 else ["--appendonly", "yes", "--appendfsync", self.appendfsync])
         env: dict[str, str] = {}
         if self._shim is not None:
             args += ["--appenddirname", self.aof_dir.name, "--auto-aof-rewrite-percentage", "0",
