@@ -35,13 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.chain_hops import cpu_seconds  # noqa: E402
 from fulfilment.config import Settings  # noqa: E402
 from fulfilment.harness.cluster import Cluster, env_for  # noqa: E402
 from fulfilment.harness.processes import (  # noqa: E402
     Child,
     RedisServer,
     SandboxProcess,
+    cpu_seconds,
     free_port,
     run_measured,
     wait_for,

@@ -33,25 +33,20 @@ from celery import chain  # noqa: E402
 
 from fulfilment.config import Settings  # noqa: E402
 from fulfilment.harness.cluster import Cluster, env_for  # noqa: E402
-from fulfilment.harness.processes import Child, SandboxProcess, child_pids, wait_for  # noqa: E402
+from fulfilment.harness.processes import (  # noqa: E402
+    Child,
+    SandboxProcess,
+    cpu_seconds,
+    wait_for,
+)
 from fulfilment.onebox import build_client  # noqa: E402
 from fulfilment.wiring import redis_client  # noqa: E402
 from schemas.intent import AutoItem, Buyer  # noqa: E402
 from tasks.app import configure  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "chain_hops.json"
-TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    total = 0.0
-    for p in [pid, *child_pids(pid)]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-    return total
 
 
 def plain_script(settings: Settings, orders: int) -> dict[str, float]:

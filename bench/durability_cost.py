@@ -72,7 +72,7 @@ from fulfilment.harness.cluster import Cluster  # noqa: E402
 from fulfilment.harness.processes import (  # noqa: E402
     RedisServer,
     SandboxProcess,
-    child_pids,
+    cpu_seconds,
     free_port,
     wait_for,
 )
@@ -84,7 +84,6 @@ from schemas.result import OrderResult, result_id_for  # noqa: E402
 from tasks.app import configure  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "durability_cost.json"
-TICK = os.sysconf("SC_CLK_TCK")
 #: Configuration name -> appendfsync, or None for no append-only file at all.
 CONFIGS: dict[str, str | None] = {
     "(a) appendonly no": None,
@@ -150,15 +149,6 @@ class SyncCounter:
             self.process.wait(10)
 
 
-def cpu_seconds(pid: int, children: bool = True) -> float:
-    total = 0.0
-    for p in [pid, *(child_pids(pid) if children else [])]:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-    return total
 
 
 @dataclass

@@ -254,6 +254,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Clock ticks per second, the unit of /proc/<pid>/stat's CPU times.
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU time (user + system) a process, and its direct children, used so far."""
+    total = 0.0
+    for p in [pid, *(child_pids(pid) if children else [])]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+    return total
+
+
 def child_pids(pid: int) -> list[int]:
     """The direct children of a process (a Celery worker's pool processes)."""
     done = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,

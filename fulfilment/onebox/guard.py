@@ -67,16 +67,21 @@ GO, OPEN, PROBING, TOO_LONG = 0, 1, 2, 3
 # What a sent call came to, for the breaker.
 OK, FAILED, NEUTRAL = "ok", "fail", "neutral"
 
-# KEYS: breaker hash, probe key, rate key.
-# ARGV: now (us, or '' for Redis's TIME), breaker on ('1'/'0'), probe token, probe
-# TTL (ms), window (us), interval between calls (us, '0' = no limit), longest wait
-# (us), state TTL (ms). Answers {verdict, microseconds, 1 if this call is the probe}.
-_ADMIT = """
+# Both scripts start from the time: ARGV[1] (microseconds, tests), or Redis's own,
+# so the fleet's machines share one clock.
+_NOW = """
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+"""
+
+# KEYS: breaker hash, probe key, rate key.
+# ARGV: now (us, or '' for Redis's TIME), breaker on ('1'/'0'), probe token, probe
+# TTL (ms), window (us), interval between calls (us, '0' = no limit), longest wait
+# (us), state TTL (ms). Answers {verdict, microseconds, 1 if this call is the probe}.
+_ADMIT = _NOW + """
 local breaker = ARGV[2] == '1'
 local probe = 0
 if breaker then
@@ -120,12 +125,7 @@ return {0, wait, probe}
 # ARGV: now (us or ''), outcome (ok/fail/neutral), probe token ('' if not the probe),
 # failures to open, failure share, cool-down (us), window (us), state TTL (ms).
 # Answers {verdict, failures, calls}: opened, reopened, closed, released, counted, none.
-_REPORT = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+_REPORT = _NOW + """
 local outcome = ARGV[2]
 local is_open = redis.call('HEXISTS', KEYS[1], 'open_until') == 1
 local function open_now()

@@ -13,17 +13,14 @@ from typing import Any
 
 import pytest
 
-from fulfilment.config import Settings
 from fulfilment.harness.cluster import Cluster, env_for
 from fulfilment.harness.processes import (
     Child,
     Finished,
-    SandboxProcess,
     run_measured,
     wait_for,
 )
-from tasks import app as celery_app
-from tasks.app import configure
+from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
 
@@ -32,19 +29,9 @@ COMMAND = [sys.executable, "-m", "tasks.commands"]
 
 @pytest.fixture
 def cluster(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
-    sandbox = SandboxProcess(tmp_path / "sandbox.log")
-    settings = Settings.defaults().with_overrides(
-        onebox_api_url=sandbox.url, redis_url=redis_url, broker_url=redis_url, key_prefix=prefix,
-        retry_base_delay=0.05, retry_max_delay=0.5, retry_deadline=300, onebox_read_timeout=5.0,
-        require_durable_redis=False,  # the machine's Redis keeps nothing on disk
-    )
-    configure(settings)
-    running = Cluster(settings, sandbox, tmp_path)
-    try:
+    with deployment(tmp_path, redis_url, prefix, retry_deadline=300,
+                    onebox_read_timeout=5.0) as running:
         yield running
-    finally:
-        running.stop()
-        celery_app.close()
 
 
 def env(cluster: Cluster) -> dict[str, str]:

@@ -12,15 +12,12 @@ from typing import Any
 import pytest
 import redis
 
-from fulfilment.config import Settings
 from fulfilment.errors import InvalidMessageError
 from fulfilment.harness.cluster import Cluster, env_for
-from fulfilment.harness.processes import SandboxProcess
 from fulfilment.onebox import build_client
 from schemas.intent import Buyer, SeatRef
-from tasks import app as celery_app
-from tasks.app import configure
 from tests import services
+from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
 
@@ -28,20 +25,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def cluster(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
     # Short-lived baskets: an abandoned one lets go of its seats within seconds.
-    sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", "3")
-    settings = Settings.defaults().with_overrides(
-        onebox_api_url=sandbox.url, redis_url=redis_url, broker_url=redis_url, key_prefix=prefix,
-        retry_base_delay=0.05, retry_max_delay=0.5, retry_deadline=120, onebox_read_timeout=2.0,
-        require_durable_redis=False,  # the machine's Redis keeps nothing on disk
-        lease_ttl=3.0,
-    )
-    configure(settings)  # this process is the producer
-    running = Cluster(settings, sandbox, tmp_path)
-    try:
+    with deployment(tmp_path, redis_url, prefix, "--basket-ttl", "3", retry_deadline=120,
+                    onebox_read_timeout=2.0, lease_ttl=3.0) as running:
         yield running
-    finally:
-        running.stop()
-        celery_app.close()
 
 
 def intent(reference: str, items: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

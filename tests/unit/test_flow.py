@@ -570,13 +570,18 @@ def test_settle_says_failed_once_the_order_is_fenced(world: World) -> None:
     assert world.onebox.confirms == {}
 
 
+def refuse_order_reads(world: World) -> None:
+    """The orders-management read answers 403, as it may for a channel not allowed it."""
+    world.onebox.failures["get_order"] = [
+        PermanentError("forbidden", code="FORBIDDEN_RESOURCE", status=403)] * 5
+
+
 def test_a_refused_order_read_is_replaced_by_a_fence_and_a_new_basket(world: World) -> None:
     # Given a confirm of unknown outcome, and the orders-management read refused (403)
     reference = world.submit()
     world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
     world.run(reference)
-    world.onebox.failures["get_order"] = [
-        PermanentError("forbidden", code="FORBIDDEN_RESOURCE", status=403)] * 5
+    refuse_order_reads(world)
     # When the flow resumes: it fences the order by releasing it, and starts again
     assert isinstance(world.run(reference), RetryIn)
     assert world.onebox.calls[-2:] == ["get_order", "release"]
@@ -682,8 +687,7 @@ def test_a_refused_read_and_a_refused_fence_is_unsettled_at_once(world: World) -
     reference = world.submit()
     world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
     world.run(reference)
-    world.onebox.failures["get_order"] = [
-        PermanentError("forbidden", code="FORBIDDEN_RESOURCE", status=403)] * 5
+    refuse_order_reads(world)
     # Then the purchase ends unsettled at once, never failed, never bought again
     assert isinstance(world.run(reference), Proceed)
     [result] = world.results()

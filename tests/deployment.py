@@ -1,0 +1,37 @@
+"""A small deployment on the machine's Redis, for the end-to-end tests.
+
+The sandbox as a process of its own, settings that point the workers at it
+and at this test's key prefix, and this test process as the producer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fulfilment.config import Settings
+from fulfilment.harness.cluster import Cluster
+from fulfilment.harness.processes import SandboxProcess
+from tasks import app as celery_app
+from tasks.app import configure
+
+
+@contextmanager
+def deployment(tmp_path: Path, redis_url: str, prefix: str, *sandbox_args: str,
+               **overrides: Any) -> Iterator[Cluster]:
+    """A ``Cluster`` with short retries; ``overrides`` change any setting."""
+    sandbox = SandboxProcess(tmp_path / "sandbox.log", *sandbox_args)
+    settings = Settings.defaults().with_overrides(**{
+        "onebox_api_url": sandbox.url, "redis_url": redis_url, "broker_url": redis_url,
+        "key_prefix": prefix, "retry_base_delay": 0.05, "retry_max_delay": 0.5,
+        # The machine's Redis keeps nothing on disk; durability has tests of its own.
+        "require_durable_redis": False, **overrides})
+    configure(settings)  # this process is the producer
+    running = Cluster(settings, sandbox, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+        celery_app.close()
