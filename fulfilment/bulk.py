@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fulfilment.errors import FulfilmentError
+from schemas.intent import MAX_MESSAGE_BYTES
 
 #: Columns of one intent (given once per intent) and of one item (one per row).
 INTENT_COLUMNS = ("reference", "batch", "delivery_method", "buyer_email", "buyer_name",
@@ -87,12 +88,33 @@ class Reader:
 
 
 class JsonlReader(Reader):
-    """One intent per line, as JSON; blank lines are skipped."""
+    """One intent per line, as JSON; blank lines are skipped.
+
+    A line longer than any intent may be (``MAX_MESSAGE_BYTES``) is refused
+    without being held whole: the reader keeps at most that much of it, so a
+    file with no line breaks at all is still read in constant memory.
+    """
 
     def __iter__(self) -> Iterator[Record]:
-        for number, line in enumerate(self._lines(), start=1):
-            if line.strip():
+        number = 0
+        while line := self._stream.readline(MAX_MESSAGE_BYTES + 2):
+            number += 1
+            self.bytes_read += len(line)
+            if len(line) > MAX_MESSAGE_BYTES + 1 and not line.endswith(b"\n"):
+                size = len(line) + self._skip_rest_of_line()
+                yield Record(number, None, errors={"_schema": [
+                    f"Line is {size} bytes, more than an intent may be ({MAX_MESSAGE_BYTES})."]})
+            elif line.strip():
                 yield Record(number, line)
+
+    def _skip_rest_of_line(self) -> int:
+        skipped = 0
+        while chunk := self._stream.readline(1 << 16):
+            skipped += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+        self.bytes_read += skipped
+        return skipped
 
 
 class CsvReader(Reader):
@@ -114,6 +136,12 @@ class CsvReader(Reader):
             yield text.removeprefix("\ufeff") if self._line == 1 else text
 
     def __iter__(self) -> Iterator[Record]:
+        try:
+            yield from self._records()
+        except csv.Error as exc:  # a field over csv's size limit, a stray quote at the end
+            raise BulkFileError(f"line {self._line}: the CSV cannot be read: {exc}") from None
+
+    def _records(self) -> Iterator[Record]:
         rows = csv.reader(self._text())
         header = next(rows, None)
         if header is None:
@@ -254,9 +282,11 @@ def batch_named(record: Record) -> str | None:
     """The batch a record's intent names, if it names a valid one."""
     raw: Any = record.raw
     if isinstance(raw, bytes):
+        if len(raw) > MAX_MESSAGE_BYTES:
+            return None  # refused unread by the contract
         try:
             raw = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply
             return None
     value = raw.get("batch") if isinstance(raw, dict) else None
     return value if isinstance(value, str) and BATCH_ID.fullmatch(value) else None

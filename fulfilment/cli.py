@@ -8,12 +8,14 @@ Celery, and the console script starts from ``tasks.commands:main``.
 from __future__ import annotations
 
 import json
-from typing import IO
+from collections.abc import Mapping
+from typing import IO, Any
 
 import click
+import redis
 
 from fulfilment.bulk import BATCH_ID
-from fulfilment.config import SETTINGS, Settings, settings_table
+from fulfilment.config import Settings, mask_url, settings_report, settings_table
 from fulfilment.errors import ConfigError
 from fulfilment.keys import Keys
 from fulfilment.logcontext import configure_logging
@@ -43,19 +45,26 @@ cli.add_command(sandbox)
 @cli.command()
 @click.option("--markdown", is_flag=True, help="Print the README's table.")
 def settings(markdown: bool) -> None:
-    """Show every setting: its value here (secrets hidden), or the README table."""
+    """Show every setting: its value here (secrets hidden), or the README table.
+
+    Works whatever the environment holds: a bad value is shown with what is
+    wrong with it, and the exit code is then 78 (EX_CONFIG)."""
     if markdown:
         click.echo(settings_table())
         return
-    current = load_settings()
-    for setting in SETTINGS:
-        click.echo(f"{setting.env} = {current.shown(setting)}")
+    lines, problems = settings_report()
+    click.echo("\n".join(lines))
+    for problem in problems:
+        click.echo(f"invalid: {problem}", err=True)
+    if problems:
+        raise SystemExit(78)
 
 
 @cli.command()
 @click.option("--jsonl", "jsonl", type=click.File("a"), default=None,
               help="Append each result as a JSON line to this file ('-' for stdout).")
-@click.option("--count", type=int, default=None, help="Stop after this many results.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Stop after this many results (each acknowledged, the last too).")
 @click.option("--idle-timeout", type=float, default=None,
               help="Stop after this many seconds without a result (default: run until stopped).")
 @click.option("--failures", is_flag=True,
@@ -67,18 +76,20 @@ def results(jsonl: IO[str] | None, count: int | None, idle_timeout: float | None
     from fulfilment.wiring import broker_connection
 
     settings_ = load_settings()
-    topology = Topology.for_keys(Keys(settings_.key_prefix))
+    topology = Topology.for_keys(Keys(settings_.key_prefix), settings_.effective_broker_url)
     seen = 0
+    # Iterated to its end, never broken off: the generator acknowledges each
+    # message, the last one too, when asked for the next (``limit``).
     with broker_connection(settings_) as connection:
         if failures:
-            for failure in consume_failures(connection, topology, idle_timeout=idle_timeout):
+            for failure in consume_failures(connection, topology, idle_timeout=idle_timeout,
+                                            limit=count):
                 # Failures hold raw payloads (personal data): only to an explicit file.
-                _emit(jsonl, json.dumps(failure), f"refused: {failure['reason']}")
+                _emit(jsonl, json.dumps(failure), describe_failure(failure))
                 seen += 1
-                if count is not None and seen >= count:
-                    break
         else:
-            for result in consume_results(connection, topology, idle_timeout=idle_timeout):
+            for result in consume_results(connection, topology, idle_timeout=idle_timeout,
+                                          limit=count):
                 line = json.dumps(dump_result(result), sort_keys=True)
                 if result.status == "confirmed":
                     summary = f"{result.reference}: confirmed, order code {result.order_code}"
@@ -91,8 +102,6 @@ def results(jsonl: IO[str] | None, count: int | None, idle_timeout: float | None
                                    f"fulfilment settle {result.reference})"
                 _emit(jsonl, line, summary)
                 seen += 1
-                if count is not None and seen >= count:
-                    break
     click.echo(f"{seen} message(s) read", err=True)
 
 
@@ -125,6 +134,70 @@ def batch_status(batch_id: str, as_json: bool) -> None:
         click.echo("\n".join(describe(status)))
     if not status.exists:
         raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-onebox", is_flag=True,
+              help="Skip the Onebox check (it fetches a token: one call each run).")
+def health(as_json: bool, no_onebox: bool) -> None:
+    """Check Redis, the broker, Onebox, queue depths, stuck intents and the intake.
+
+    Exit code 0 when every check is ok; 1 when any is degraded (stuck intents,
+    an intake celery beat has not drained lately) or unhealthy (Redis, the
+    broker or Onebox unreachable or refusing).
+    """
+    from fulfilment.health import check_health
+
+    report = check_health(load_settings(), onebox=not no_onebox)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        click.echo("\n".join(report.lines()))
+    if not report.healthy:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("references", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per reference, one a line.")
+def status(references: tuple[str, ...], as_json: bool) -> None:
+    """Where each intent stands, from the ledger (no buyer data). Exit 1 if any is unknown."""
+    from fulfilment.lookup import as_json as status_json
+    from fulfilment.lookup import describe, intent_status
+    from fulfilment.wiring import redis_client
+
+    settings_ = load_settings()
+    keys = Keys(settings_.key_prefix)
+    client = redis_client(settings_)
+    unknown = 0
+    try:
+        for reference in references:
+            found = intent_status(client, keys, reference)
+            unknown += not found.found
+            click.echo(status_json(found) if as_json else "\n".join(describe(found)))
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot read the ledger at {mask_url(settings_.redis_url)}: "
+                                   f"{type(exc).__name__}") from None
+    finally:
+        client.close()
+    if unknown:
+        raise SystemExit(1)
+
+
+def describe_failure(failure: Mapping[str, Any]) -> str:
+    """A refused message for people: its reason and each field's error, never its payload."""
+    from fulfilment.producer import describe_errors
+
+    errors = failure.get("errors")
+    details = describe_errors(errors) if isinstance(errors, Mapping | list) else []
+    line = f"refused: {failure.get('reason', '?')}"
+    if details:
+        line += " (" + "; ".join(details) + ")"
+    if failure.get("payload_truncated"):
+        line += f" [payload cut from {failure.get('payload_size')} characters]"
+    return line
 
 
 def _emit(jsonl: IO[str] | None, line: str, summary: str) -> None:

@@ -8,10 +8,12 @@ clear line; the README's settings table is generated from the same list
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +29,11 @@ class Setting:
     default: str
     help: str
     parse: Callable[[str], Any] = str
+    #: Never shown: not in ``fulfilment settings``, not in an error.
     secret: bool = False
+    #: May be read from the file ``<env>_FILE`` names instead (secrets, URLs with passwords),
+    #: so that it need not sit in the environment of every process that could dump it.
+    from_file: bool = False
 
 
 def _positive_float(raw: str) -> float:
@@ -58,6 +64,13 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number, 0 to 65535 (0: off)")
+    return value
+
+
 def _url(raw: str) -> str:
     parts = urlsplit(raw)
     if not parts.scheme or not parts.netloc:
@@ -69,11 +82,47 @@ def _optional_url(raw: str) -> str:
     return _url(raw) if raw else ""
 
 
+def _http_url(raw: str) -> str:
+    """Onebox's host: http(s) only (whether plain http is allowed is checked in ``validate``)."""
+    if urlsplit(raw).scheme not in {"http", "https"}:
+        raise ValueError("must be an https:// URL (or http:// to a local sandbox)")
+    return _url(raw)
+
+
+def _optional_http_url(raw: str) -> str:
+    return _http_url(raw) if raw else ""
+
+
+def _required(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _optional_path(raw: str) -> str:
+    """A CA bundle (a file, or a directory made with c_rehash) that must exist now."""
+    if raw and not Path(raw).exists():
+        raise ValueError("no such file or directory")
+    return raw
+
+
+def _host_list(raw: str) -> str:
+    """Comma-separated host names, normalised (kept as text, so it survives the env)."""
+    return ",".join(sorted({h.strip().lower() for h in raw.split(",") if h.strip()}))
+
+
 def _broker_url(raw: str) -> str:
     """A broker URL; ``memory://`` (the embedded demo's) has no host."""
     if raw and not urlsplit(raw).scheme:
         raise ValueError("must be a URL such as redis://host:6379/0 or amqp://host")
     return raw
+
+
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"text", "json"}:
+        raise ValueError("must be text or json")
+    return value
 
 
 def _bool(raw: str) -> bool:
@@ -89,15 +138,26 @@ SETTINGS: tuple[Setting, ...] = (
     # --- Onebox ---------------------------------------------------------------
     Setting("ONEBOX_API_URL", "onebox_api_url", "http://127.0.0.1:8650",
             "Onebox host the distribution API is called on (production: "
-            "`https://api.oneboxtds.com`). The default is a local sandbox.", _url),
+            "`https://api.oneboxtds.com`). The default is a local sandbox, whose port "
+            "`fulfilment sandbox` takes from here. Plain `http://` only to this machine "
+            "or to a host in `ONEBOX_PLAIN_HTTP_HOSTS`.", _http_url),
     Setting("ONEBOX_AUTH_URL", "onebox_auth_url", "",
             "Host of `/oauth/token`; empty means the API host (the token must come "
-            "from the same domain as the API).", _optional_url),
+            "from the same domain as the API).", _optional_http_url),
     Setting("ONEBOX_CHANNEL_ID", "onebox_channel_id", "sandbox-channel",
-            "Sales channel id sent with the client-credentials grant."),
+            "Sales channel id sent with the client-credentials grant.", _required),
     Setting("ONEBOX_API_KEY", "onebox_api_key", "sandbox-api-key",
-            "The channel's API key (the OAuth client secret). Secret: never logged.",
-            secret=True),
+            "The channel's API key (the OAuth client secret); must not be empty. Secret: "
+            "never logged or shown. Or `ONEBOX_API_KEY_FILE`: a file holding it.",
+            _required, secret=True, from_file=True),
+    Setting("ONEBOX_CA_BUNDLE", "onebox_ca_bundle", "",
+            "CA certificates (a PEM file, or a directory) to verify Onebox's TLS certificate "
+            "with; empty means the system's (or `REQUESTS_CA_BUNDLE`). Verification is "
+            "always on.", _optional_path),
+    Setting("ONEBOX_PLAIN_HTTP_HOSTS", "onebox_plain_http_hosts", "",
+            "Comma-separated hosts that Onebox URLs may reach over plain `http://` besides "
+            "this machine (a sandbox on a private network, such as compose's `sandbox`); "
+            "any other `http://` Onebox URL stops start-up.", _host_list),
     Setting("ONEBOX_CONNECT_TIMEOUT", "onebox_connect_timeout", "3.05",
             "Seconds to open a connection to Onebox.", _positive_float),
     Setting("ONEBOX_READ_TIMEOUT", "onebox_read_timeout", "15",
@@ -130,10 +190,12 @@ SETTINGS: tuple[Setting, ...] = (
             "closes the breaker, failure opens it again.", _positive_float),
     # --- Redis and the broker -------------------------------------------------
     Setting("FULFILMENT_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
-            "Redis for the shared token cache (and the ledger).", _url),
+            "Redis for the ledger and the shared token cache; `rediss://` for TLS, "
+            "`redis://:PASSWORD@host:6379/0` with a password (masked wherever shown). Or "
+            "`FULFILMENT_REDIS_URL_FILE`: a file holding it.", _url, from_file=True),
     Setting("FULFILMENT_BROKER_URL", "broker_url", "",
-            "Celery broker (and results queue); empty means `FULFILMENT_REDIS_URL`.",
-            _broker_url),
+            "Celery broker (and results queue); empty means `FULFILMENT_REDIS_URL`. Or "
+            "`FULFILMENT_BROKER_URL_FILE`: a file holding it.", _broker_url, from_file=True),
     Setting("FULFILMENT_REQUIRE_DURABLE_REDIS", "require_durable_redis", "true",
             "Refuse to start unless Redis fsyncs every write before answering "
             "(`appendonly yes`, `appendfsync always`): what a host crash can take back "
@@ -182,6 +244,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_INTAKE_INTERVAL", "intake_interval", "1",
             "Seconds between two drains of the Redis-list intake (celery beat).",
             _positive_float),
+    # --- Metrics (tasks.metrics) ---------------------------------------------------
+    Setting("FULFILMENT_METRICS_PORT", "metrics_port", "9650",
+            "Port each worker serves Prometheus metrics on (`/metrics`, summed over its pool "
+            "processes); 0 turns it off. Workers sharing a host need a port each.", _port),
+    # Prometheus scrapes from another machine; the metrics hold no secret or personal data.
+    Setting("FULFILMENT_METRICS_ADDRESS", "metrics_address", "0.0.0.0",  # noqa: S104
+            "Address the metrics port listens on (`127.0.0.1`: this machine only)."),
+    # --- Logs ------------------------------------------------------------------
+    Setting("FULFILMENT_LOG_FORMAT", "log_format", "text",
+            "`text`: one line per event with reference, order id, step, attempt and Onebox "
+            "trace id in brackets; `json`: one JSON object per line with the same fields.",
+            _log_format),
 )
 
 
@@ -193,6 +267,8 @@ class Settings:
     onebox_auth_url: str
     onebox_channel_id: str
     onebox_api_key: str = field(repr=False)
+    onebox_ca_bundle: str
+    onebox_plain_http_hosts: str
     onebox_connect_timeout: float
     onebox_read_timeout: float
     onebox_token_renew_margin: float
@@ -218,19 +294,15 @@ class Settings:
     task_time_limit: int
     sweep_interval: float
     intake_interval: float
+    metrics_port: int
+    metrics_address: str
+    log_format: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every setting; raise ``ConfigError`` naming the bad one."""
         source = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for setting in SETTINGS:
-            raw = source.get(setting.env, setting.default)
-            try:
-                values[setting.attr] = setting.parse(raw)
-            except ValueError as exc:
-                shown = "<secret>" if setting.secret else repr(mask_url(raw))
-                raise ConfigError(f"{setting.env}={shown}: {exc}") from None
+        values = {s.attr: _parse(s, _raw(s, source)[0]) for s in SETTINGS}
         settings = cls(**values)
         settings.validate()
         return settings
@@ -252,6 +324,24 @@ class Settings:
                               "FULFILMENT_TASK_SOFT_TIME_LIMIT")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
             raise ConfigError("FULFILMENT_KEY_PREFIX must be 1-64 of A-Za-z0-9_.-")
+        for env, url in (("ONEBOX_API_URL", self.onebox_api_url),
+                         ("ONEBOX_AUTH_URL", self.onebox_auth_url)):
+            host = urlsplit(url).hostname or ""
+            if url.startswith("http://") and not is_loopback(host) \
+                    and host not in self.plain_http_hosts:
+                raise ConfigError(
+                    f"{env}={url!r} is plain http:// to another machine: the API key and "
+                    f"buyers' data would cross the network unencrypted; use https://, or add "
+                    f"{host!r} to ONEBOX_PLAIN_HTTP_HOSTS if it is a sandbox on a private network")
+
+    @property
+    def plain_http_hosts(self) -> frozenset[str]:
+        return frozenset(filter(None, self.onebox_plain_http_hosts.split(",")))
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """What ``requests`` verifies Onebox's certificate with: never ``False``."""
+        return self.onebox_ca_bundle or True
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{s.attr}={self.shown(s)}" for s in SETTINGS if not s.secret)
@@ -279,6 +369,92 @@ class Settings:
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+
+def is_loopback(host: str) -> bool:
+    """True for this machine's own addresses (``localhost``, 127.0.0.0/8, ::1)."""
+    if host.lower() in {"localhost", "localhost.localdomain"}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _raw(setting: Setting, source: Mapping[str, str]) -> tuple[str, str]:
+    """The setting's text and where it came from ('' for the environment or default).
+
+    A ``<env>_FILE`` variable names a file holding the value (one line; a
+    trailing newline is dropped), as Docker and Kubernetes secrets are mounted.
+    """
+    file_env = f"{setting.env}_FILE"
+    path = source.get(file_env, "") if setting.from_file else ""
+    if not path:
+        return source.get(setting.env, setting.default), ""
+    if source.get(setting.env):
+        raise ConfigError(f"{setting.env} and {file_env} are both set: set one of them")
+    try:
+        text = Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"{file_env}={path!r}: cannot read it: {reason}") from None
+    value = text.removesuffix("\n").removesuffix("\r")
+    if "\n" in value:
+        raise ConfigError(f"{file_env}={path!r}: the file must hold one line")
+    return value, f"{file_env}={path!r}"
+
+
+def env_value(name: str, env: Mapping[str, str] | None = None) -> str:
+    """One setting's text, unparsed: from the environment, its ``_FILE``, or the default.
+
+    For a process that needs one value and none of the rest (the sandbox).
+    """
+    setting = next(s for s in SETTINGS if s.env == name)
+    return _raw(setting, os.environ if env is None else env)[0]
+
+
+def _shown_raw(setting: Setting, raw: str) -> str:
+    return "<secret>" if setting.secret else repr(mask_url(raw))
+
+
+def _parse(setting: Setting, raw: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{setting.env}={_shown_raw(setting, raw)}: {exc}") from None
+
+
+def settings_report(env: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """``fulfilment settings``: each setting as ``NAME = value`` (secrets hidden, URL
+    passwords masked), a bad one marked with what is wrong, and the list of problems.
+
+    It never raises, so the command that should help fix a bad setting still works.
+    """
+    source = os.environ if env is None else env
+    lines: list[str] = []
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        try:
+            raw, origin = _raw(setting, source)
+            shown = _shown_raw(setting, raw) + (f" (from {origin})" if origin else "")
+        except ConfigError as exc:
+            lines.append(f"{setting.env} = ?  <- {exc.message}")
+            problems.append(exc.message)
+            continue
+        try:
+            values[setting.attr] = setting.parse(raw)
+        except ValueError as exc:
+            lines.append(f"{setting.env} = {shown}  <- invalid: {exc}")
+            problems.append(f"{setting.env}={_shown_raw(setting, raw)}: {exc}")
+            continue
+        lines.append(f"{setting.env} = {shown}")
+    if not problems:
+        try:
+            Settings(**values).validate()
+        except ConfigError as exc:
+            problems.append(exc.message)
+    return lines, problems
 
 
 #: ``//user:password@`` in a URL (or in any text that holds one).

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from fulfilment import metrics
 from fulfilment.config import Settings
 from fulfilment.errors import (
     FulfilmentError,
@@ -140,14 +141,14 @@ def advance(services: Services, reference: str, target: Stage, attempt: int = 1)
             return Proceed()
         lease = services.leases.take(reference)
         if lease is None:
-            return RetryIn(1.0, "another worker holds this intent")
+            return metrics.decided(RetryIn(1.0, "another worker holds this intent"))
         with lease, services.ledger.fenced(lease.key, lease.token):
             entry = _reread(services, reference)  # re-read under the lease
             try:
-                return _advance_leased(services, entry, target)
+                return metrics.decided(_advance_leased(services, entry, target))
             except LeaseLostError as exc:
                 log.warning("%s; handing the intent over", exc)
-                return RetryIn(services.leases.ttl, exc.code)
+                return metrics.decided(RetryIn(services.leases.ttl, exc.code))
 
 
 def _time_budget(settings: Settings) -> float:
@@ -408,7 +409,8 @@ def _after_unknown(services: Services, reference: str, exc: OutcomeUnknownError)
     if entry.confirm_sent:
         # The next attempt reads the order by code first; it cannot double-confirm.
         return _retry_or_fail(services, reference, exc)
-    log.warning("basket call's outcome unknown (%s): abandoning basket", exc.code)
+    with bound(trace=exc.trace_id):
+        log.warning("basket call's outcome unknown (%s): abandoning basket", exc.code)
     return _restart_basket(services, reference, exc)
 
 
@@ -418,7 +420,8 @@ def _after_transient(services: Services, reference: str, exc: TransientError) ->
         # failing. The guard logs the breaker's changes; one line per intent is noise.
         log.debug("held back: %s", exc)
     else:
-        log.warning("transient failure: %s", exc)
+        with bound(trace=exc.trace_id):
+            log.warning("transient failure: %s", exc)
     return _retry_or_fail(services, reference, exc,
                           counts=not isinstance(exc, NotFoundYetError | HeldBackError))
 
@@ -482,7 +485,7 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
     error = ResultError(code=exc.code, message=exc.message, step=exc.step,
                         retryable=exc.retryable, trace_id=exc.trace_id)
     services.ledger.finish(reference, _result(services, entry, FAILED, error=error))
-    with bound(order_id=entry.order_id):
+    with bound(order_id=entry.order_id, trace=exc.trace_id):
         log.warning("purchase failed: %s", exc)
     if not entry.confirm_sent:
         _release(services, entry)

@@ -5,19 +5,30 @@ each message atomically to a processing list (``LMOVE``), takes it in, and only
 then removes it: a drainer that dies midway leaves the message in the
 processing list, and the next drain takes it in again (admission is
 idempotent, so that cannot buy twice). A message that fails its contract goes
-to the failures queue with its reason and the drain goes on.
+to the failures queue with its reason (and the message, cut to a bound) and
+the drain goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
-from fulfilment.errors import InvalidMessageError
+from fulfilment.errors import InvalidMessageError, PermanentError
 from fulfilment.keys import Keys
-from fulfilment.producer import ACCEPTED, DUPLICATE, Producer, ReferenceConflictError
+from fulfilment.producer import (
+    ACCEPTED,
+    DUPLICATE,
+    Producer,
+    ReferenceConflictError,
+    parse_intent,
+)
+from fulfilment.redis_text import text
 from fulfilment.results import ResultPublisher
 
 log = logging.getLogger(__name__)
@@ -39,14 +50,20 @@ class DrainReport:
 
 class Intake:
     def __init__(self, client: redis.Redis, keys: Keys, producer: Producer,
-                 publisher: ResultPublisher) -> None:
+                 publisher: ResultPublisher, *, clock: Callable[[], float] = time.time) -> None:
         self._redis = client
         self._keys = keys
         self._producer = producer
         self._publisher = publisher
+        self._clock = clock
 
     def drain(self, limit: int = 1000) -> DrainReport:
-        """Take in up to ``limit`` waiting intents (none if another drainer is at it)."""
+        """Take in up to ``limit`` waiting intents (none if another drainer is at it).
+
+        A drain that ran records when it ended (``Keys.intake_drained``):
+        ``fulfilment health`` reports it, since the intake stalls silently
+        when celery beat is not running.
+        """
         report = DrainReport()
         lock = self._redis.lock(self._keys.intake_lock, timeout=LOCK_TTL, blocking_timeout=0)
         if not lock.acquire(blocking=False):
@@ -61,27 +78,60 @@ class Intake:
                 if taken is None:
                     break
                 self._take(taken, report)
+            self._redis.set(self._keys.intake_drained, repr(self._clock()))
         finally:
-            lock.release()
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                log.warning("the intake's lock expired while it was drained")
         if report.total:
             log.info("intake: %d accepted, %d duplicates, %d refused", report.accepted,
                      report.duplicates, report.refused)
         return report
 
     def _take(self, raw: bytes | str, report: DrainReport) -> None:
-        # The bytes go to the contract as they are: text that is not UTF-8 is refused.
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        try:
-            submission = self._producer.submit(raw)
-        except InvalidMessageError as exc:
-            self._publisher.publish_failure("invalid purchase intent", exc.errors, text)
+        """Admit one message, or send it to the failures queue with its reason.
+
+        Whatever the message holds, it leaves the processing list: a message
+        that cannot be read (not JSON, not an intent, too large, an unknown
+        ``schema_version``) would otherwise be taken first by every drain and
+        stall the intake for good. Only Redis or the broker failing (raised)
+        leaves it there, to be taken again by the next drain.
+        """
+        refusal = self._refusal(raw, report)
+        if refusal is not None:
+            reason, errors = refusal
+            self._publisher.publish_failure(reason, errors, raw)
             report.refused += 1
-        except ReferenceConflictError as exc:
-            self._publisher.publish_failure(exc.message, {}, text)
-            report.refused += 1
-        else:
-            if submission.status == ACCEPTED:
-                report.accepted += 1
-            elif submission.status == DUPLICATE:
-                report.duplicates += 1
         self._redis.lrem(self._keys.intake_processing, 1, raw)  # type: ignore[arg-type]
+
+    def _refusal(self, raw: bytes | str, report: DrainReport) -> tuple[str, Any] | None:
+        """Submit the message; the reason and field errors if it is refused, else None."""
+        try:
+            intent = parse_intent(raw, max_quantity=self._producer.max_quantity)
+        except InvalidMessageError as exc:
+            return exc.message, exc.errors
+        except Exception as exc:  # noqa: BLE001 - no message may stall the intake
+            # Its type only: the text of a parser's error may quote the message.
+            log.error("intake: a message could not be parsed (%s)", type(exc).__name__)
+            return f"unreadable message: {type(exc).__name__}", {}
+        try:
+            submission = self._producer.submit(intent)
+        except ReferenceConflictError as exc:
+            return exc.message, {"reference": [exc.message]}
+        except PermanentError as exc:
+            return exc.message, {}
+        if submission.status == ACCEPTED:
+            report.accepted += 1
+        elif submission.status == DUPLICATE:
+            report.duplicates += 1
+        return None
+
+
+def last_drained(client: redis.Redis, keys: Keys) -> float | None:
+    """When the intake was last drained (epoch seconds), or None if never."""
+    raw = client.get(keys.intake_drained)
+    try:
+        return float(text(raw)) if raw is not None else None
+    except ValueError:
+        return None

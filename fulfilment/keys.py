@@ -78,6 +78,11 @@ class Keys:
         return f"{self.prefix}:intake:lock"
 
     @property
+    def intake_drained(self) -> str:
+        """String: when the intake was last drained (epoch seconds); ``fulfilment health``."""
+        return f"{self.prefix}:intake:drained_at"
+
+    @property
     def sweep_lock(self) -> str:
         return f"{self.prefix}:sweep:lock"
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import redis
 
+from fulfilment import metrics
 from fulfilment.errors import PermanentError, TransientError
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
@@ -345,7 +346,7 @@ class Ledger:
     def finish(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Write the outcome unless one stands already; return the one that stands."""
         answer = self._write_counted(self._finish, reference, outcome.batch, _result_json(outcome))
-        return load_result(text(answer))
+        return metrics.outcome_written(outcome, load_result(text(answer)))
 
     def settle(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Replace an ``unsettled`` outcome by a settled one (to be published again)."""

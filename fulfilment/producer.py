@@ -24,7 +24,7 @@ from marshmallow import ValidationError
 from fulfilment.errors import InvalidMessageError, PermanentError
 from fulfilment.ledger import Admission, Ledger
 from fulfilment.redact import scrub
-from schemas.intent import PurchaseIntent, load_intent
+from schemas.intent import MAX_MESSAGE_BYTES, PurchaseIntent, load_intent
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,11 @@ def reference_of(raw: RawIntent) -> str | None:
     if isinstance(raw, PurchaseIntent):
         return raw.reference
     if isinstance(raw, str | bytes):
+        if len(raw) > MAX_MESSAGE_BYTES:
+            return None  # refused unread: not parsed here either
         try:
             raw = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply
             return None
     value = raw.get("reference") if isinstance(raw, Mapping) else None
     return value if isinstance(value, str) and len(value) <= 64 else None
@@ -100,6 +102,11 @@ class Producer:
         self._dispatch = dispatch
         self._dispatch_many = dispatch_many
         self._max_quantity = max_quantity
+
+    @property
+    def max_quantity(self) -> int:
+        """The largest ``quantity`` an intent may ask for here (``FULFILMENT_MAX_QUANTITY``)."""
+        return self._max_quantity
 
     def submit(self, raw: RawIntent) -> Submission:
         """Take one intent in; raise ``InvalidMessageError`` or ``ReferenceConflictError``."""

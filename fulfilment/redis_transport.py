@@ -18,11 +18,16 @@ from __future__ import annotations
 
 from kombu.transport import redis as kombu_redis
 
+from fulfilment.broker_envelopes import SafeEnvelopes
+
 #: What ``broker_transport`` (Celery) or ``Connection(transport=...)`` names.
 TRANSPORT = "fulfilment.redis_transport:Transport"
 
 
-class Channel(kombu_redis.Channel):
+class Channel(SafeEnvelopes, kombu_redis.Channel):
+    """Also: an item on a queue that is not a message is delivered as a stand-in that
+    says so, rather than stopping the worker (``fulfilment.broker_envelopes``)."""
+
     def close(self) -> None:
         if getattr(self.connection, "client", None) is None:
             # Collected after a lost connection: there is no Redis to restore to.

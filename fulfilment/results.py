@@ -12,11 +12,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kombu import Connection
+from kombu.exceptions import KombuError
 from kombu.pools import producers
+from marshmallow import ValidationError
 
 from fulfilment.topology import FAILURE_KEY, Topology, routing_key_for
 from schemas.result import OrderResult, dump_result, load_result
@@ -25,6 +27,23 @@ log = logging.getLogger(__name__)
 
 RETRY_POLICY = {"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5,
                 "interval_max": 3.0}
+#: Characters of a refused message's payload kept on the failures queue: any valid
+#: intent (at most 65,536 bytes) fits whole; a larger message is cut.
+FAILURE_PAYLOAD_LIMIT = 65_536
+#: Characters of a refusal's reason.
+FAILURE_REASON_LIMIT = 500
+
+
+def failure_body(reason: str, errors: Any, payload: str | bytes | None) -> dict[str, Any]:
+    """The failures queue's message: reason, field errors, the payload cut to its bound."""
+    if isinstance(payload, bytes):
+        payload = payload.decode("utf-8", "replace")
+    body: dict[str, Any] = {"reason": reason[:FAILURE_REASON_LIMIT], "errors": errors,
+                            "payload": payload}
+    if payload is not None and len(payload) > FAILURE_PAYLOAD_LIMIT:
+        body.update(payload=payload[:FAILURE_PAYLOAD_LIMIT], payload_truncated=True,
+                    payload_size=len(payload))
+    return body
 
 
 class ResultPublisher:
@@ -41,13 +60,16 @@ class ResultPublisher:
                                                           "reference": result.reference})
         log.info("published %s result %s", result.status, result.result_id)
 
-    def publish_failure(self, reason: str, errors: Any, payload: str | None) -> None:
+    def publish_failure(self, reason: str, errors: Any, payload: str | bytes | None) -> None:
         """A message that could not be taken in: its reason and the raw payload.
 
         The payload may hold personal data: it goes to this queue, where an
-        operator can fix and resubmit it, and never to a log.
+        operator can fix and resubmit it, and never to a log. It is cut to
+        ``FAILURE_PAYLOAD_LIMIT`` characters (``payload_truncated`` then says
+        so, ``payload_size`` gives the original length), so a 50 MB message
+        pushed by mistake cannot make a 50 MB failure.
         """
-        body = {"reason": reason, "errors": errors, "payload": payload}
+        body = failure_body(reason, errors, payload)
         self._send(body, self._topology.failures_exchange, FAILURE_KEY,
                    self._topology.failures_queue, headers={})
         log.warning("message refused and sent to the failures queue: %s", reason)
@@ -63,22 +85,55 @@ class ResultPublisher:
 
 
 def consume_results(connection: Connection, topology: Topology, *, timeout: float = 1.0,
-                    idle_timeout: float | None = None) -> Iterator[OrderResult]:
+                    idle_timeout: float | None = None,
+                    limit: int | None = None) -> Iterator[OrderResult]:
     """Yield results as they arrive; each is acknowledged once the caller takes the next.
 
-    Stops after ``idle_timeout`` seconds without a message (never, if None).
+    Stops after ``idle_timeout`` seconds without a message (never, if None), or
+    after ``limit`` messages: the last one is acknowledged too, when the caller
+    comes back for more (iterate to the end rather than ``break``: a message
+    whose caller broke off is left unacknowledged and is delivered again).
     """
-    yield from _consume(connection, topology.results_queue, load_result, timeout, idle_timeout)
+    publisher = ResultPublisher(connection, topology)
+
+    def unreadable(raw: str | None, exc: Exception) -> None:
+        # Not ours, or corrupted: kept for an operator, never a reason to stop reading.
+        publisher.publish_failure(
+            f"unreadable message on the results queue: {type(exc).__name__}", {}, raw)
+
+    yield from _consume(connection, topology.results_queue, load_result, timeout, idle_timeout,
+                        limit=limit, unreadable=unreadable)
 
 
 def consume_failures(connection: Connection, topology: Topology, *, timeout: float = 1.0,
-                     idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
-    """Yield refused messages (reason, errors, payload) from the failures queue."""
-    yield from _consume(connection, topology.failures_queue, dict, timeout, idle_timeout)
+                     idle_timeout: float | None = None,
+                     limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Yield refused messages (reason, errors, payload) from the failures queue.
+
+    A message there that is not such an object is yielded as one, with the
+    reason ``unreadable message on the failures queue`` and its text as payload.
+    """
+    def unreadable(raw: str | None, exc: Exception) -> dict[str, Any]:
+        return failure_body(f"unreadable message on the failures queue: {type(exc).__name__}",
+                            {}, raw)
+
+    yield from _consume(connection, topology.failures_queue, _failure, timeout, idle_timeout,
+                        limit=limit, unreadable=unreadable)
 
 
-def _consume(connection: Connection, queue: Any, load: Any, timeout: float,
-             idle_timeout: float | None) -> Iterator[Any]:
+def _failure(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict) or not isinstance(payload.get("reason"), str):
+        raise TypeError("not a failure object")
+    return payload
+
+
+#: What decoding and loading a message that is not ours may raise.
+UNREADABLE = (ValueError, TypeError, ValidationError, KombuError)
+
+
+def _consume(connection: Connection, queue: Any, load: Callable[[Any], Any], timeout: float,
+             idle_timeout: float | None, *, limit: int | None = None,
+             unreadable: Callable[[str | None, Exception], Any] | None = None) -> Iterator[Any]:
     """Read ``queue``; when the broker connection drops, reconnect with backoff and go on.
 
     A message is acknowledged only when the caller asks for the next one, that
@@ -88,6 +143,9 @@ def _consume(connection: Connection, queue: Any, load: Any, timeout: float,
     """
     recoverable = tuple(connection.recoverable_connection_errors)
     last_message = time.monotonic()
+    taken = 0
+    if limit is not None and limit <= 0:
+        return
     while True:
         simple = None
         try:
@@ -101,11 +159,20 @@ def _consume(connection: Connection, queue: Any, load: Any, timeout: float,
                         return
                     continue
                 last_message = time.monotonic()
-                payload = message.payload
-                if isinstance(payload, str | bytes):
-                    payload = json.loads(payload)
-                yield load(payload)
+                try:
+                    item = load(_decoded(message))
+                except UNREADABLE as exc:
+                    if unreadable is None:
+                        raise
+                    item = unreadable(_text(message.body), exc)
+                    if item is None:  # handled (sent to the failures queue): next one
+                        message.ack()
+                        continue
+                yield item
                 message.ack()
+                taken += 1
+                if limit is not None and taken >= limit:
+                    return
         except recoverable as exc:
             log.warning("lost the broker connection (%s); reconnecting", type(exc).__name__)
             _close_quietly(simple)
@@ -113,6 +180,19 @@ def _consume(connection: Connection, queue: Any, load: Any, timeout: float,
             _close_quietly(connection)
         finally:
             _close_quietly(simple)
+
+
+def _decoded(message: Any) -> Any:
+    payload = message.payload
+    if isinstance(payload, str | bytes):
+        payload = json.loads(payload)
+    return payload
+
+
+def _text(body: Any) -> str | None:
+    if body is None:
+        return None
+    return body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
 
 
 def _connect(connection: Connection, idle_timeout: float | None, last_message: float) -> None:

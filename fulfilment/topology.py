@@ -5,11 +5,19 @@ Results go to a durable topic exchange with routing key ``result.confirmed`` or
 that only wants failures binds its own queue to ``result.failed``. Messages
 that could not be taken in at all (invalid payloads found on a queue) go to the
 failures queue with their reason.
+
+On RabbitMQ (an ``amqp://`` broker) every queue of ours is a durable *quorum*
+queue (replicated, fsynced before the publisher's confirm) and the task queues
+hang off durable topic exchanges: Celery's native delayed delivery, which a
+retry's countdown needs on quorum queues, forwards a delayed message through
+an exchange-to-exchange binding and cannot use a direct exchange. On Redis
+the topology is what it always was (direct exchanges, kombu's plain lists).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from kombu import Exchange, Queue
 
@@ -18,6 +26,13 @@ from fulfilment.keys import Keys
 CONFIRMED_KEY = "result.confirmed"
 FAILED_KEY = "result.failed"
 FAILURE_KEY = "failure"
+#: The queue type of every queue of ours on RabbitMQ (``x-queue-type``).
+QUORUM = {"x-queue-type": "quorum"}
+
+
+def is_amqp(broker_url: str) -> bool:
+    """Is this broker RabbitMQ (AMQP 0-9-1), where quorum queues and confirms apply?"""
+    return broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
 
 @dataclass(frozen=True)
@@ -31,24 +46,52 @@ class Topology:
     maintenance_queue: Queue
 
     @classmethod
-    def for_keys(cls, keys: Keys) -> Topology:
+    def for_keys(cls, keys: Keys, broker_url: str = "") -> Topology:
+        """The deployment's topology; ``broker_url`` says whether it is RabbitMQ's."""
+        amqp = is_amqp(broker_url)
+        arguments: dict[str, Any] | None = dict(QUORUM) if amqp else None
+        task_exchange_type = "topic" if amqp else "direct"
+
+        def task_queue(name: str) -> Queue:
+            exchange = Exchange(name, type=task_exchange_type, durable=True)
+            return Queue(name, exchange, routing_key=name, durable=True,
+                         queue_arguments=arguments)
+
         results = Exchange(keys.results_exchange, type="topic", durable=True)
         failures = Exchange(keys.failures_queue, type="direct", durable=True)
         return cls(
             results_exchange=results,
-            results_queue=Queue(keys.results_queue, results, routing_key="result.#", durable=True),
+            results_queue=Queue(keys.results_queue, results, routing_key="result.#",
+                                durable=True, queue_arguments=arguments),
             failures_exchange=failures,
             failures_queue=Queue(keys.failures_queue, failures, routing_key=FAILURE_KEY,
-                                 durable=True),
-            task_queue=Queue(keys.task_queue, Exchange(keys.task_queue, type="direct"),
-                             routing_key=keys.task_queue, durable=True),
-            continue_queue=Queue(keys.continue_queue, Exchange(keys.continue_queue, type="direct"),
-                                 routing_key=keys.continue_queue, durable=True),
-            maintenance_queue=Queue(keys.maintenance_queue,
-                                    Exchange(keys.maintenance_queue, type="direct"),
-                                    routing_key=keys.maintenance_queue, durable=True),
+                                 durable=True, queue_arguments=arguments),
+            task_queue=task_queue(keys.task_queue),
+            continue_queue=task_queue(keys.continue_queue),
+            maintenance_queue=task_queue(keys.maintenance_queue),
         )
+
+    @property
+    def queues(self) -> tuple[Queue, ...]:
+        """Every queue of the deployment (what an operator or a test cleans up)."""
+        return (self.task_queue, self.continue_queue, self.maintenance_queue,
+                self.results_queue, self.failures_queue)
 
 
 def routing_key_for(status: str) -> str:
     return CONFIRMED_KEY if status == "confirmed" else FAILED_KEY
+
+
+def control_names(prefix: str) -> dict[str, str]:
+    """Celery's control and event names under the deployment's prefix (RabbitMQ).
+
+    Celery's remote control (``celery inspect``, ``control``) and its events
+    use exchanges named ``celery.pidbox``, ``reply.celery.pidbox`` and
+    ``celeryev`` whatever the task queues are called, so two deployments on one
+    vhost would answer each other's ``inspect ping``. Under the prefix they
+    are ``<prefix>.control.pidbox``, ``reply.<prefix>.control.pidbox`` (each
+    worker's pidbox queue ``<worker>.<prefix>.control.pidbox``) and
+    ``<prefix>.events``, queues ``<prefix>.events.*``.
+    """
+    return {"control_exchange": f"{prefix}.control", "event_exchange": f"{prefix}.events",
+            "event_queue_prefix": f"{prefix}.events"}

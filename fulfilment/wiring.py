@@ -23,7 +23,7 @@ from fulfilment.onebox.client import build_client
 from fulfilment.redis_transport import transport_for
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
-from fulfilment.topology import Topology
+from fulfilment.topology import Topology, is_amqp
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -47,6 +47,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     url = settings.effective_broker_url
     if url.startswith("memory://"):
         return {"polling_interval": 0.005}
+    if is_amqp(url):
+        # RabbitMQ: a publish returns only once the broker has taken the message
+        # (for a quorum queue: written by a majority); a refusal raises.
+        return {"confirm_publish": True}
     options: dict[str, Any] = {
         "visibility_timeout": settings.visibility_timeout,
         # Look for messages of dead workers a tenth of the timeout apart (kombu's
@@ -79,7 +83,7 @@ def build_services(settings: Settings, client: redis.Redis | None = None,
         client=build_client(settings, client),
         ledger=build_ledger(settings, client),
         publisher=ResultPublisher(connection or broker_connection(settings),
-                                  Topology.for_keys(keys)),
+                                  Topology.for_keys(keys, settings.effective_broker_url)),
         leases=Leases(client, keys, settings.lease_ttl),
         policy=RetryPolicy.from_settings(settings),
     )

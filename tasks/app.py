@@ -11,6 +11,7 @@ Reliability choices, each for a reason:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from celery import Celery
@@ -20,19 +21,21 @@ from fulfilment.config import Settings
 from fulfilment.keys import Keys
 from fulfilment.logcontext import configure_logging
 from fulfilment.redis_transport import transport_for
-from fulfilment.topology import Topology
+from fulfilment.topology import Topology, control_names, is_amqp
 from fulfilment.wiring import transport_options
+from tasks.startup import settings_at_import
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     keys = Keys(settings.key_prefix)
-    topology = Topology.for_keys(keys)
+    topology = Topology.for_keys(keys, settings.effective_broker_url)
     return {
         "broker_url": settings.effective_broker_url,
         # kombu's Redis transport, minus a crash on Redis restarts (see the module).
         "broker_transport": transport_for(settings.effective_broker_url),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
+        **rabbitmq_config(settings),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -65,7 +68,51 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+        # A message the worker cannot run goes to the failures queue (tasks.badmessages).
+        "worker_consumer": "tasks.badmessages:Consumer",
     }
+
+
+def rabbitmq_config(settings: Settings) -> dict[str, Any]:
+    """RabbitMQ only (nothing on Redis): quorum queues, and control and events per deployment.
+
+    The task queues are quorum queues (``fulfilment.topology``); a queue Celery
+    creates on the fly is one too. Workers see them and use per-consumer
+    prefetch (quorum queues have no global QoS), and set up Celery's native
+    delayed delivery, so a retry's countdown waits in the broker, not in a
+    worker's memory. Celery's control and event exchanges carry the prefix,
+    so ``celery inspect`` reaches this deployment's workers only, even on a
+    vhost shared with another (a vhost per deployment isolates everything).
+    """
+    if not is_amqp(settings.effective_broker_url):
+        # Celery's own defaults, spelled out so that reconfiguring a process
+        # from RabbitMQ back to Redis (the tests do) leaves nothing behind.
+        return {"task_default_queue_type": "classic", "task_default_exchange_type": "direct",
+                "control_exchange": "celery", "event_exchange": "celeryev",
+                "event_queue_prefix": "celeryev"}
+    return {
+        "task_default_queue_type": "quorum",
+        "task_default_exchange_type": "topic",
+        "worker_detect_quorum_queues": True,
+        "broker_native_delayed_delivery_queue_type": "quorum",
+        **control_names(settings.key_prefix),
+    }
+
+
+class FulfilmentCelery(Celery):
+    """Celery, with countdowns RabbitMQ's native delayed delivery can take.
+
+    On quorum queues Celery 5.7 sends a countdown through its delay
+    exchanges as ``int(countdown)`` whole seconds, and refuses one under a
+    second ("countdown must be a positive number": the retry is lost). A
+    countdown there is rounded up to whole seconds: never sooner than asked.
+    """
+
+    def send_task(self, *args: Any, **options: Any) -> Any:
+        countdown = options.get("countdown")
+        if countdown and countdown > 0 and is_amqp(str(self.conf.broker_url or "")):
+            options["countdown"] = math.ceil(countdown)
+        return super().send_task(*args, **options)
 
 
 def configure(settings: Settings) -> None:
@@ -79,14 +126,24 @@ def configure(settings: Settings) -> None:
     runtime.reset(settings)
 
 
-app = Celery("fulfilment", include=["tasks.purchase", "tasks.maintenance"])
-app.conf.update(celery_config(Settings.from_env()))
+app = FulfilmentCelery("fulfilment",
+                       include=["tasks.purchase", "tasks.maintenance", "tasks.metrics"])
+# A bad setting stops `celery` here with one line (exit 78); elsewhere (the
+# `fulfilment` CLI, a producer) it is raised when the app's configuration is read.
+_import_settings = settings_at_import()
+if _import_settings is not None:
+    app.conf.update(celery_config(_import_settings))
+else:
+    app.add_defaults(lambda: celery_config(Settings.from_env()))
 
 
 @setup_logging.connect
 def _setup_logging(loglevel: str | int | None = None, **_: Any) -> None:
     # Our format carries reference, order id, step and attempt; Celery keeps its hands off.
-    configure_logging(loglevel or "INFO")
+    # Celery's own task lines get the intent's reference too (tasks.logsignals).
+    from tasks.logsignals import TaskContextFilter
+
+    configure_logging(loglevel or "INFO", filters=[TaskContextFilter()])
 
 
 @worker_process_init.connect

@@ -24,7 +24,7 @@ from kombu.exceptions import OperationalError
 
 from fulfilment.bulk import BATCH_ID, Reader, Record
 from fulfilment.cli import cli, load_settings
-from fulfilment.config import Settings
+from fulfilment.config import Settings, mask_url
 from fulfilment.errors import ConfigError, FulfilmentError
 from fulfilment.keys import Keys
 from fulfilment.producer import (
@@ -85,7 +85,7 @@ def demo(count: int, broker_url: str | None, concurrency: int, timeout: float,
 
 def _collect(connection: Connection, settings: Settings, expected: int,
              timeout: float) -> list[OrderResult]:
-    topology = Topology.for_keys(Keys(settings.key_prefix))
+    topology = Topology.for_keys(Keys(settings.key_prefix), settings.effective_broker_url)
     outcomes: dict[str, OrderResult] = {}
     deadline = time.monotonic() + timeout
     with click.progressbar(length=expected, label="purchasing", show_pos=True) as bar:
@@ -166,6 +166,7 @@ def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
             first = next(records, None)  # the upload's batch may be the one it names
             batch = batch_id or (first and batch_named(first)) or default_batch(path)
             click.echo(f"batch {batch}")
+            click.echo(_destination())
             total = path.stat().st_size if path is not None and path.is_file() else None
             progress = stack.enter_context(
                 Progress("submitting", total, "intents", terminal=False if quiet else None,
@@ -267,6 +268,16 @@ def _wait_for_batch(batch: str, results_path: Path | None, timeout: float | None
     return status.done and not status.unsettled
 
 
+def _destination() -> str:
+    """Where the intents go: the broker (password masked), the queue and the ledger."""
+    from tasks import runtime
+
+    settings = runtime.services().settings
+    keys = Keys(settings.key_prefix)
+    return (f"to broker {mask_url(settings.effective_broker_url)}, queue {keys.task_queue} "
+            f"(ledger {mask_url(settings.redis_url)}, prefix {settings.key_prefix})")
+
+
 def _say_refused(number: int, submission: Submission) -> None:
     who = submission.reference or "(no reference)"
     details = describe_errors(dict(submission.errors)) or [submission.reason or "refused"]
@@ -328,6 +339,18 @@ def sweep() -> None:
 
 
 def main() -> None:
+    """The console script. A bad setting stops any command before it starts, with one
+    line and exit 78 (EX_CONFIG); ``--help`` and ``settings`` (which shows what is
+    wrong) work whatever the environment holds."""
+    from tasks.startup import refuse
+
+    args = sys.argv[1:]
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    if command not in (None, "settings") and "--help" not in args:
+        try:
+            Settings.from_env()
+        except ConfigError as exc:
+            refuse(f"fulfilment {command}", exc.message)
     cli(prog_name="fulfilment")
 
 

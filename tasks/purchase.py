@@ -61,12 +61,30 @@ def _stage_task(name: str, stage: Stage) -> AnyTask:
     """A bound task that brings an intent up to ``stage``; Redis blips retry with backoff."""
 
     def run(self: AnyTask, reference: str) -> str:
-        return _advance(self, reference, stage)
+        advanced = _advance(self, reference, stage)
+        return outcome_summary(advanced) if stage is Stage.PUBLISHED else advanced
 
     run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
     run.__doc__ = f"Bring an intent up to {stage.name}."
     return app.task(name=name, bind=True, acks_late=True, autoretry_for=INFRA_ERRORS,
                     retry_backoff=True, retry_backoff_max=30, max_retries=None)(run)
+
+
+def outcome_summary(reference: str) -> str:
+    """What the chain's last task returns: Flower and ``celery events`` tell outcomes apart.
+
+    ``confirmed: <order code>``, ``failed: <error code>`` or ``unsettled: <error
+    code>``: identifiers only, never personal data. Celery puts the return value
+    in the task-succeeded event (and its "succeeded" log line) even though
+    results are not stored, so a failed purchase no longer reads as a success.
+    """
+    entry = runtime.services().ledger.get(reference)
+    outcome = entry.outcome if entry is not None else None
+    if outcome is None:
+        return reference
+    if outcome.error is None:
+        return f"{outcome.status}: {outcome.order_code}"
+    return f"{outcome.status}: {outcome.error.code}"
 
 
 basket = _stage_task("fulfilment.basket", Stage.BASKET)

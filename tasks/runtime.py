@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import threading
 
+import requests
+
 from fulfilment.config import Settings
 from fulfilment.durability import require_durable
 from fulfilment.flow import Services
+from fulfilment.onebox.auth import TokenProvider
+from fulfilment.onebox.guard import OneboxGuard
 from fulfilment.wiring import build_services
 
 _lock = threading.Lock()
 _services: Services | None = None
 _settings: Settings | None = None
 _durable_checked = False
+_credentials_checked = False
 
 
 def services() -> Services:
@@ -33,6 +38,24 @@ def check_durable_once() -> None:
     _durable_checked = True
 
 
+def check_credentials_once() -> None:
+    """Raise ``ConfigError`` if Onebox refuses our credentials (asked once per process).
+
+    A token is fetched whatever the shared cache holds, so the key in force is
+    the one tested; Onebox unreachable is a warning only (``TokenProvider.check_credentials``).
+    """
+    global _credentials_checked
+    if _credentials_checked:
+        return
+    built = services()
+    redis_client = built.ledger.redis
+    with requests.Session() as session:  # closed: no socket is inherited by the pool
+        TokenProvider(built.settings, redis_client, session,
+                      guard=OneboxGuard.for_settings(built.settings, redis_client)
+                      ).check_credentials()
+    _credentials_checked = True
+
+
 def install(prebuilt: Services) -> None:
     """Use these collaborators (the embedded demo, tests)."""
     global _services, _settings
@@ -42,8 +65,8 @@ def install(prebuilt: Services) -> None:
 
 def reset(settings: Settings | None = None) -> None:
     """Forget the collaborators; the next task builds them anew."""
-    global _services, _settings, _durable_checked
+    global _services, _settings, _durable_checked, _credentials_checked
     with _lock:
-        _services, _durable_checked = None, False
+        _services, _durable_checked, _credentials_checked = None, False, False
         if settings is not None:
             _settings = settings

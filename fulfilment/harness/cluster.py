@@ -1,12 +1,16 @@
 """A small real deployment for end-to-end tests.
 
-Real Redis (a database of its own and a key prefix per test), the sandbox as a
-process of its own, Celery workers as processes started with ``celery -A tasks
-worker``, and this test process as the producer and the results consumer.
+Real Redis (a database of its own and a key prefix per test) for the ledger,
+Redis or RabbitMQ as the broker, the sandbox as a process of its own, Celery
+workers as processes started with ``celery -A tasks worker``, and this test
+process as the producer and the results consumer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +23,7 @@ from fulfilment.config import SETTINGS, Settings
 from fulfilment.harness.processes import Child, SandboxProcess, worker_args
 from fulfilment.keys import Keys
 from fulfilment.results import consume_failures, consume_results
-from fulfilment.topology import Topology
+from fulfilment.topology import Topology, control_names, is_amqp
 from fulfilment.wiring import broker_connection
 from schemas.result import OrderResult
 
@@ -68,6 +72,68 @@ class Cluster:
     def keys(self) -> Keys:
         return Keys(self.settings.key_prefix)
 
+    @property
+    def topology(self) -> Topology:
+        return Topology.for_keys(self.keys, self.settings.effective_broker_url)
+
+    @property
+    def on_rabbitmq(self) -> bool:
+        return is_amqp(self.settings.effective_broker_url)
+
+    def queued(self, queue: str) -> int:
+        """Messages ready on one of our queues (a passive declare: it creates nothing).
+
+        A queue that was never declared holds nothing: 0.
+        """
+        with broker_connection(self.settings) as connection:
+            channel: Any = connection.channel()  # kombu's stubs omit the AMQP methods
+            try:
+                declared = channel.queue_declare(queue=queue, passive=True)
+            except connection.channel_errors:
+                return 0
+            return int(declared.message_count)
+
+    def inspect_ping(self, *, timeout: float = 3.0) -> set[str]:
+        """The workers that answer ``celery inspect ping`` run with this deployment's settings.
+
+        The operator's command, as a process of its own: what it sees is what an
+        operator on this deployment would see.
+        """
+        done = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "tasks", "inspect", "ping", "--json",
+             "--timeout", str(timeout)],
+            capture_output=True, text=True, env=_child_env(env_for(self.settings)),
+            timeout=60 + timeout, check=False)
+        if done.returncode != 0 and "No nodes replied" in done.stdout + done.stderr:
+            return set()
+        assert done.returncode == 0, done.stdout + done.stderr
+        replies = json.loads(done.stdout.strip().splitlines()[-1])
+        return {name for reply in _as_list(replies) for name in reply}
+
+    def remove_broker_objects(self) -> None:
+        """On RabbitMQ, delete this deployment's queues and exchanges (a shared vhost keeps them).
+
+        On Redis the test's key prefix removal already covers the broker's keys.
+        """
+        if not self.on_rabbitmq:
+            return
+        topology = self.topology
+        names = control_names(self.settings.key_prefix)
+        exchanges = {topology.results_exchange.name, topology.failures_exchange.name,
+                     *(q.exchange.name for q in topology.queues),
+                     f"{names['control_exchange']}.pidbox",
+                     f"reply.{names['control_exchange']}.pidbox", names["event_exchange"]}
+        with broker_connection(self.settings) as connection:
+            # A fresh channel each: a failed delete closes its channel.
+            for queue in topology.queues:
+                with contextlib.suppress(*connection.channel_errors):
+                    channel: Any = connection.channel()
+                    channel.queue_delete(queue.name)
+            for exchange in exchanges:
+                with contextlib.suppress(*connection.channel_errors):
+                    channel = connection.channel()
+                    channel.exchange_delete(exchange)
+
     def start_worker(self, *, concurrency: int = 2, beat: bool = False) -> Child:
         name = f"w{len(self.workers)}-{self.settings.key_prefix}@%h"
         args = worker_args([self.keys.continue_queue, self.keys.task_queue,
@@ -100,7 +166,7 @@ class Cluster:
     def collect(self, references: set[str], *, timeout: float = 90.0) -> dict[str, OrderResult]:
         """Read results until every reference has one; fail with the logs if not in time."""
         deadline = time.monotonic() + timeout
-        topology = Topology.for_keys(self.keys)
+        topology = self.topology
         with broker_connection(self.settings) as connection:
             while not references <= self.results.keys():
                 remaining = deadline - time.monotonic()
@@ -117,7 +183,7 @@ class Cluster:
 
     def collect_failures(self, count: int, *, timeout: float = 30.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
-        topology = Topology.for_keys(self.keys)
+        topology = self.topology
         with broker_connection(self.settings) as connection:
             while len(self.failures) < count:
                 remaining = deadline - time.monotonic()
@@ -151,3 +217,17 @@ class Cluster:
         assert audit["duplicates"] == {}
         assert audit["seats_sold_twice"] == 0
         return statuses
+
+
+def _child_env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment minus our settings, plus ``env`` (as a worker gets it)."""
+    import os
+
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("ONEBOX_", "FULFILMENT_"))}
+    return {**inherited, **env}
+
+
+def _as_list(replies: Any) -> list[dict[str, Any]]:
+    """``inspect ping --json``: a list of one-entry dicts (or one dict, by Celery version)."""
+    return replies if isinstance(replies, list) else [replies]

@@ -130,7 +130,7 @@ class RedisServer(Child):
     """
 
     def __init__(self, directory: Path, port: int, *, appendfsync: str | None = "everysec",
-                 simulate_host_crash: bool = False) -> None:
+                 simulate_host_crash: bool = False, password: str | None = None) -> None:
         if appendfsync not in {"always", "everysec", "no", None}:
             raise ValueError(f"appendfsync must be always, everysec, no or None (no "
                              f"append-only file at all), not {appendfsync!r}")
@@ -138,6 +138,8 @@ class RedisServer(Child):
         self.directory = directory
         self.appendfsync = appendfsync
         self.simulate_host_crash = simulate_host_crash
+        #: With a password, clients must AUTH (``--requirepass``); ``url`` carries it.
+        self.password = password
         #: The append-only directory (multi-part AOF: manifest, base and incr files).
         self.aof_dir = directory / "appendonlydir"
         #: Where the shim logs durable lengths (outside ``aof_dir``: it is not Redis's disk).
@@ -153,6 +155,8 @@ class RedisServer(Child):
         self._start_count += 1
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "", "--maxmemory-policy", "noeviction"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         args += (["--appendonly", "no"] if self.appendfsync is None
                  else ["--appendonly", "yes", "--appendfsync", self.appendfsync])
         env: dict[str, str] = {}
@@ -168,7 +172,8 @@ class RedisServer(Child):
         import redis
 
         try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+            return bool(redis.Redis(port=self.port, password=self.password,
+                                    socket_connect_timeout=0.5).ping())
         except redis.RedisError:
             if not self.alive():
                 raise AssertionError(f"redis-server exited:\n{self.output()}") from None
@@ -176,7 +181,8 @@ class RedisServer(Child):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def restart(self) -> None:
         """Stop it (it writes its append-only file on the way out) and start it again."""

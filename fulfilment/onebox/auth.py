@@ -22,10 +22,15 @@ import redis
 import requests
 from marshmallow import ValidationError
 
-from fulfilment.config import Settings
-from fulfilment.errors import TransientError
+from fulfilment.config import Settings, mask_url
+from fulfilment.errors import ConfigError, TransientError
 from fulfilment.onebox.guard import OneboxGuard, guarded
-from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, parse_retry_after
+from fulfilment.onebox.transport import (
+    RETRY_LATER_STATUSES,
+    TRACE_HEADER,
+    classify_send_error,
+    parse_retry_after,
+)
 from fulfilment.redis_text import text
 from schemas.onebox import load_api_error, load_token
 
@@ -94,6 +99,9 @@ class TokenProvider:
         self._guard = guard
         self._redis = redis_client
         self._session = session or requests.Session()
+        # The session (shared with the client's calls) verifies Onebox's certificate,
+        # said here rather than left to a default: never False, a CA bundle if set.
+        self._session.verify = settings.tls_verify
         self._clock = clock
         self._local: CachedToken | None = None
         self._mutex = threading.Lock()
@@ -114,6 +122,35 @@ class TokenProvider:
             return local.access_token
         with self._mutex:
             return self._refresh_shared().access_token
+
+    def check_credentials(self) -> bool:
+        """Ask Onebox for a token now (the worker's start-up check); True if it gave one.
+
+        The shared cache is bypassed: a token another worker cached proves
+        nothing about the key this process holds. Refused credentials (a 4xx
+        other than 408, 425 or 429) raise ``ConfigError``: a wrong
+        ``ONEBOX_API_KEY`` or ``ONEBOX_CHANNEL_ID`` stays wrong, and would fail
+        every intent. An Onebox that cannot answer now (unreachable, 5xx, 429,
+        the breaker open) is not a wrong key: a warning, False, and the worker
+        starts; its tasks wait the outage out as they would one that began later.
+        """
+        try:
+            token = self._fetch()
+        except TransientError as exc:
+            status = exc.status
+            if status is not None and 400 <= status < 500 and status not in RETRY_LATER_STATUSES:
+                raise ConfigError(
+                    f"Onebox refused the credentials of channel "
+                    f"{self._settings.onebox_channel_id!r} at "
+                    f"{mask_url(self._settings.token_url)} (HTTP {status}, {exc.code}): check "
+                    f"ONEBOX_API_KEY and ONEBOX_CHANNEL_ID") from None
+            log.warning("could not check Onebox's credentials at start-up (%s, %s); starting "
+                        "anyway: calls wait for Onebox as in any outage", exc.code,
+                        exc.message)
+            return False
+        with self._mutex:
+            self._local = token  # fetched anyway: this process uses it until renewal
+        return True
 
     def invalidate(self, access_token: str) -> None:
         """Onebox refused ``access_token`` (401): forget it here and in Redis."""

@@ -22,6 +22,7 @@ from requests.adapters import HTTPAdapter
 
 from fulfilment.config import Settings
 from fulfilment.errors import OutcomeUnknownError, TransientError
+from fulfilment.logcontext import bound
 from fulfilment.onebox.auth import AUTH_RETRY_AFTER, TokenProvider
 from fulfilment.onebox.guard import OneboxGuard, guarded
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, error_for_response
@@ -118,7 +119,9 @@ class OneboxClient:
             kind = TransientError if method == "GET" else OutcomeUnknownError
             raise kind("Onebox's answer is not a readable order", code="MALFORMED_RESPONSE",
                        status=response.status_code, trace_id=trace_id, step=step) from None
-        log.debug("%s %s -> order %s %s (trace %s)", method, step, order.id, order.status, trace_id)
+        # One line per call, with Onebox's trace id: what its support asks for.
+        with bound(order_id=order.id, trace=trace_id):
+            log.info("%s %s: HTTP %d, order %s", method, step, response.status_code, order.status)
         return order
 
     def _call(self, method: str, step: str, path: str, *, order_id: str | None,
@@ -127,7 +130,8 @@ class OneboxClient:
         response = self._send(method, step, path, token, order_id=order_id, json=json,
                               params=params)
         if response.status_code == 401:
-            log.info("Onebox refused the token at %s; renewing it once", step)
+            with bound(trace=response.headers.get(TRACE_HEADER)):
+                log.info("Onebox refused the token at %s; renewing it once", step)
             self._tokens.invalidate(token)
             token = self._tokens.get()
             response = self._send(method, step, path, token, order_id=order_id, json=json,
@@ -139,7 +143,10 @@ class OneboxClient:
                                      status=401, trace_id=response.headers.get(TRACE_HEADER),
                                      step=step, retry_after=AUTH_RETRY_AFTER)
         if not 200 <= response.status_code < 300:
-            raise error_for_response(response, step=step, idempotent=method == "GET")
+            error = error_for_response(response, step=step, idempotent=method == "GET")
+            with bound(trace=error.trace_id):
+                log.info("%s %s: HTTP %d, %s", method, step, response.status_code, error.code)
+            raise error
         return response
 
     def _send(self, method: str, step: str, path: str, token: str, *, order_id: str | None,

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import redis
 import requests
 
+from fulfilment import metrics
 from fulfilment.config import Settings
 from fulfilment.errors import CircuitOpenError, RateLimitedError
 from fulfilment.keys import Keys
@@ -262,6 +263,7 @@ class OneboxGuard:
             self._redis_unavailable(exc)
             return Permit()
         seconds = int(micros) / US
+        metrics.guard_verdict(int(verdict), seconds)
         if verdict == OPEN:
             raise CircuitOpenError(f"Onebox calls are paused for {seconds:.1f}s more: "
                                    "Onebox keeps failing", step=step, retry_after=seconds)
@@ -294,6 +296,7 @@ class OneboxGuard:
             self._redis_unavailable(exc)
             return
         verdict, failures, calls = text(raw[0]), int(raw[1]), int(raw[2])
+        metrics.breaker_changed(verdict)
         if verdict == "opened":
             log.warning("circuit breaker opened: %d of %d Onebox calls failed within %.0fs; "
                         "calls paused for %.0fs", failures, calls, config.breaker_window,
@@ -383,6 +386,7 @@ class _HeldBack:
 def guarded(guard: OneboxGuard | None, step: str,
             call: Callable[[], requests.Response]) -> requests.Response:
     """``guard.send(step, call)``, or just ``call()`` when there is no guard."""
+    call = metrics.onebox_call(step, call)  # counted and timed only if sent
     return call() if guard is None else guard.send(step, call)
 
 

@@ -9,6 +9,12 @@ while something breaks, then checks from the sandbox's audit and the results
 queue that every reference ends confirmed exactly once or failed with a
 reason, that no seat is sold twice and that no reference is without outcome.
 Set FULFILMENT_CHAOS_REPORT to a file to have each scenario's counts appended.
+
+The scenarios that do not break Redis itself (workers killed, Onebox failing
+every way, calls finished after the client gave up) run again with RabbitMQ
+as the broker (a vhost of their own on the machine's RabbitMQ; the ledger
+stays on the private Redis), with FULFILMENT_CHAOS_RABBITMQ_INTENTS intents
+each: fewer, so that the three add about three minutes to CI.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +44,15 @@ from fulfilment.wiring import redis_client
 from schemas.intent import Buyer, SeatRef
 from tasks import app as celery_app
 from tasks.app import configure
-from tests.services import free_port, require, unique_prefix
+from tests.services import free_port, rabbitmq_vhost, require, unique_prefix
 
 pytestmark = pytest.mark.integration
 
 INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_INTENTS", "500")), 1)
+#: Intents per scenario with RabbitMQ as the broker (measured: see the README's "Brokers").
+RABBITMQ_INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_RABBITMQ_INTENTS", "100")), 1)
+#: The scenarios run on both brokers: ``@BOTH_BROKERS`` (the fixture reads the parameter).
+BOTH_BROKERS = pytest.mark.parametrize("chaos", ["redis", "rabbitmq"], indirect=True)
 #: Intents per API alternative (each alternative is a scenario of its own).
 ALTERNATIVE_INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_ALTERNATIVE_INTENTS", "60")), 1)
 #: One intent in this many asks for a recital seat the box office sold first.
@@ -53,14 +64,23 @@ APPENDFSYNC = os.environ.get("FULFILMENT_CHAOS_APPENDFSYNC", "always")
 
 
 @pytest.fixture
-def chaos(tmp_path: Path) -> Iterator[Cluster]:
+def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A deployment of the scenario's own; the broker is its Redis unless the
+    test is parametrized ``rabbitmq`` (``BOTH_BROKERS``)."""
+    broker = getattr(request, "param", "redis")
+    with ExitStack() as stack:
+        broker_url = stack.enter_context(rabbitmq_vhost()) if broker == "rabbitmq" else None
+        yield from _chaos_cluster(tmp_path, broker_url)
+
+
+def _chaos_cluster(tmp_path: Path, broker_url: str | None) -> Iterator[Cluster]:
     require("redis-server", subprocess.run(["which", "redis-server"], capture_output=True,
                                            check=False).returncode == 0)
     server = RedisServer(tmp_path / "redis", free_port(), appendfsync=APPENDFSYNC,
                          simulate_host_crash=True)
     sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", "20", "--seed", "7")
     settings = Settings.defaults().with_overrides(
-        onebox_api_url=sandbox.url, redis_url=server.url, broker_url=server.url,
+        onebox_api_url=sandbox.url, redis_url=server.url, broker_url=broker_url or server.url,
         key_prefix=unique_prefix("chaos"), onebox_read_timeout=2.0,
         retry_base_delay=0.05, retry_max_delay=1.0, retry_deadline=600, retry_max_attempts=12,
         visibility_timeout=20, task_soft_time_limit=8, task_time_limit=10,
@@ -69,6 +89,7 @@ def chaos(tmp_path: Path) -> Iterator[Cluster]:
     configure(settings)
     cluster = Cluster(settings, sandbox, tmp_path)
     cluster.redis_server = server  # type: ignore[attr-defined]
+    cluster.chaos_intents = RABBITMQ_INTENTS if broker_url else INTENTS  # type: ignore[attr-defined]
     # The recovery sweep runs in every scenario, as in production: a broker may
     # lose a message (a Redis restart between BRPOP and the unacked write does),
     # and the ledger is what finds it again.
@@ -81,6 +102,7 @@ def chaos(tmp_path: Path) -> Iterator[Cluster]:
         cluster.stop()
         server.stop()
         celery_app.close()
+        cluster.remove_broker_objects()
 
 
 #: References spelled like keys of ours, or like another intent's keys.
@@ -135,7 +157,7 @@ def start(cluster: Cluster, tag: str, *concurrency: int) -> list[dict[str, Any]]
     """Start a worker per concurrency given, and submit the scenario's intents."""
     for processes in concurrency:
         cluster.start_worker(concurrency=processes)
-    documents = intents(tag)
+    documents = intents(tag, int(cluster.chaos_intents))  # type: ignore[attr-defined]
     submit(documents)
     return documents
 
@@ -176,6 +198,8 @@ def verify(cluster: Cluster, scenario: str, documents: list[dict[str, Any]],
               "seats_sold_twice": cluster.sandbox.admin.audit()["seats_sold_twice"],
               "lost": len(references - cluster.results.keys()),
               "redelivered_results": deliveries - len(references)}
+    if cluster.on_rabbitmq:
+        scenario = f"{scenario}, RabbitMQ broker"
     print(f"\nchaos {scenario}: {json.dumps(counts)}")
     report = os.environ.get("FULFILMENT_CHAOS_REPORT")
     if report:
@@ -220,6 +244,7 @@ def progress(cluster: Cluster) -> int:
         client.close()
 
 
+@BOTH_BROKERS
 def test_worker_processes_killed_with_sigkill(chaos: Cluster) -> None:
     # Given two workers and the intents on their way
     documents = start(chaos, "kill", 2, 2)
@@ -286,6 +311,7 @@ def test_references_spelled_like_our_own_keys(chaos: Cluster) -> None:
     verify(chaos, "references spelled like our keys", documents, len(documents))
 
 
+@BOTH_BROKERS
 def test_onebox_failing_every_way_on_every_step(chaos: Cluster) -> None:
     every_way = {"error_500": 0.03, "error_503": 0.03, "throttle_429": 0.04, "retry_after": 0.2,
                  "lost_response": 0.03, "slow_after": 0.01, "slow_after_ms": 2500,
@@ -354,6 +380,7 @@ EVERY_FAULT = {"error_503": 0.02, "lost_response": 0.02, "late": 0.03, "late_ms"
                "latency_ms": 1, "latency_jitter_ms": 10}
 
 
+@BOTH_BROKERS
 def test_onebox_finishing_calls_after_the_client_gave_up(chaos: Cluster) -> None:
     # Given an Onebox that finishes some calls of every endpoint only after the
     # client's read timeout (2 s): the retry, a release or another call lands first

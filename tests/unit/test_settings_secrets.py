@@ -1,13 +1,19 @@
-"""Passwords in URLs are masked wherever a URL is shown."""
+"""Secrets: passwords in URLs masked wherever shown; secrets from the environment or
+a file, never from a command line."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import click
 import pytest
 from click.testing import CliRunner
 
 from fulfilment.cli import cli
-from fulfilment.config import Settings, mask_url
+from fulfilment.config import SETTINGS, Settings, env_value, mask_url, settings_report
 from fulfilment.errors import ConfigError
+from tasks.commands import cli as main_cli  # the console script's group, every command added
 
 PASSWORD = "s3cr3t-Pa55"
 
@@ -46,3 +52,83 @@ def test_fulfilment_settings_shows_variables_with_passwords_masked(
     assert PASSWORD not in output
     assert "FULFILMENT_REDIS_URL = 'redis://:***@cache:6379/0'" in output
     assert "ONEBOX_API_KEY = <secret>" in output
+
+
+# --- Secrets from a file (ONEBOX_API_KEY_FILE, ...), never from the command line ---------
+
+def test_the_api_key_can_come_from_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "onebox_api_key"
+    key_file.write_text(f"{PASSWORD}\n")  # as `echo KEY > file` writes it
+    settings = Settings.from_env({"ONEBOX_API_KEY_FILE": str(key_file)})
+    assert settings.onebox_api_key == PASSWORD
+    # Compose may pass an empty ONEBOX_API_KEY alongside the file: that is not "both".
+    assert Settings.from_env({"ONEBOX_API_KEY": "", "ONEBOX_API_KEY_FILE": str(key_file)}
+                             ).onebox_api_key == PASSWORD
+
+
+def test_a_redis_url_with_a_password_can_come_from_a_file(tmp_path: Path) -> None:
+    url_file = tmp_path / "redis_url"
+    url_file.write_text(f"rediss://default:{PASSWORD}@cache:6380/0\n")
+    env = {"FULFILMENT_REDIS_URL_FILE": str(url_file)}
+    assert Settings.from_env(env).redis_url == f"rediss://default:{PASSWORD}@cache:6380/0"
+    lines, problems = settings_report(env)
+    assert problems == []
+    assert f"FULFILMENT_REDIS_URL = 'rediss://default:***@cache:6380/0' (from " \
+           f"FULFILMENT_REDIS_URL_FILE={str(url_file)!r})" in lines
+    assert PASSWORD not in "\n".join(lines)
+
+
+@pytest.mark.parametrize(("content", "error"), [
+    (None, "cannot read it: No such file or directory"),
+    (f"{PASSWORD}\nsecond line\n", "the file must hold one line"),
+    ("\n", "must not be empty"),
+])
+def test_a_bad_secret_file_stops_start_up_without_showing_it(
+        tmp_path: Path, content: str | None, error: str) -> None:
+    key_file = tmp_path / "key"
+    if content is not None:
+        key_file.write_text(content)
+    with pytest.raises(ConfigError, match=error) as raised:
+        Settings.from_env({"ONEBOX_API_KEY_FILE": str(key_file)})
+    assert PASSWORD not in str(raised.value)
+    assert "ONEBOX_API_KEY" in raised.value.message
+
+
+def test_a_secret_set_twice_is_refused(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(PASSWORD)
+    with pytest.raises(ConfigError, match="ONEBOX_API_KEY and ONEBOX_API_KEY_FILE are both set"):
+        Settings.from_env({"ONEBOX_API_KEY": "other", "ONEBOX_API_KEY_FILE": str(key_file)})
+
+
+def test_only_secrets_and_urls_with_passwords_are_read_from_files(tmp_path: Path) -> None:
+    assert {s.env for s in SETTINGS if s.from_file} == {
+        "ONEBOX_API_KEY", "FULFILMENT_REDIS_URL", "FULFILMENT_BROKER_URL"}
+    assert all(s.from_file for s in SETTINGS if s.secret)
+    lease_file = tmp_path / "lease"
+    lease_file.write_text("99")
+    assert Settings.from_env({"FULFILMENT_LEASE_TTL_FILE": str(lease_file)}).lease_ttl == 15
+
+
+def _options(command: click.Command, path: str = "fulfilment") -> list[tuple[str, click.Option]]:
+    found = [(path, p) for p in command.params if isinstance(p, click.Option)]
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            found += _options(sub, f"{path} {name}")
+    return found
+
+
+def test_no_command_takes_a_secret_on_its_command_line() -> None:
+    """A command line is readable by every user of the machine (``ps``)."""
+    secret = re.compile(r"--(api-key|key|password|passwd|secret|credentials?|token)(-file)?$")
+    offending = [f"{path} {'/'.join(option.opts)}" for path, option in _options(main_cli)
+                 if any(secret.match(name) for name in option.opts)]
+    assert offending == []
+
+
+def test_the_sandbox_takes_its_key_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(PASSWORD)
+    assert env_value("ONEBOX_API_KEY", {"ONEBOX_API_KEY_FILE": str(key_file)}) == PASSWORD
+    assert env_value("ONEBOX_API_KEY", {}) == "sandbox-api-key"
+    assert "--api-key" not in CliRunner().invoke(main_cli, ["sandbox", "--help"]).output
