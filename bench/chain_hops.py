@@ -6,12 +6,17 @@ a process of its own. Measured in one run, so the ratios hold on a noisy machine
 
 - plain script: the same purchase (create, seats-auto, buyer data, pre-confirm,
   confirm) made by OneboxClient in a loop, one process: the ideal.
-- bare chain of 6 / of 4: chains of trivial tasks (the broker hops alone).
+- bare chain of 6 (no-op): chains of trivial tasks (the broker hops alone).
+- bare chain of 6 (POST): the reference of the cost target: six tasks, each
+  making one POST to the sandbox with plain ``requests`` (bench/probe_tasks.py).
+- bare chain of 6 (lean POST): the same with the session reading the
+  environment once, as the product's does: the stricter reference.
 - product: intents through submit_many -> the 4-task purchase chain -> results.
 
-CPU per order: the script's own for the plain script, the worker's (main and
-pool processes, from /proc) for the rest.
-Usage: python bench/chain_hops.py [--orders 400]
+CPU per order: the script's own for the plain script, the workers' (main and
+pool processes, from /proc) for the rest. Same pool, concurrency and number of
+worker processes for every Celery row.
+Usage: python bench/chain_hops.py [--orders 400] [--pool prefork] [-c 2] [--workers 1]
 Prints a table and writes bench/results/chain_hops.json. Loopback only.
 """
 
@@ -64,39 +69,47 @@ def plain_script(settings: Settings, orders: int) -> dict[str, float]:
     return {"orders_per_s": orders / wall, "cpu_ms_per_order": 1000 * used / orders}
 
 
-def bare_chains(worker: Child, length: int, count: int) -> dict[str, float]:
-    from bench.probe_tasks import noop
+def _worker_cpu(workers: list[Child]) -> float:
+    return sum(cpu_seconds(w.pid) for w in workers)
 
-    seen = worker.output().count("succeeded")
-    before, started = cpu_seconds(worker.pid), time.perf_counter()
+
+def bare_chains(workers: list[Child], task: str, length: int, count: int) -> dict[str, float]:
+    from bench import probe_tasks
+
+    probe = getattr(probe_tasks, task)
+    seen = sum(w.output().count("succeeded") for w in workers)
+    before, started = _worker_cpu(workers), time.perf_counter()
     for i in range(count):
-        chain(noop.si(f"c{i}"), *[noop.s() for _ in range(length - 1)]).apply_async()
-    # No result backend: wait until the worker has run every task of every chain.
-    wait_for(lambda: worker.output().count("succeeded") - seen >= length * count, timeout=300,
-             what="the bare chains", interval=0.2)
+        chain(probe.si(f"c{i}"), *[probe.s() for _ in range(length - 1)]).apply_async()
+    # No result backend: wait until the workers have run every task of every chain.
+    wait_for(lambda: sum(w.output().count("succeeded") for w in workers) - seen
+             >= length * count, timeout=600, what="the bare chains", interval=0.2)
     wall = time.perf_counter() - started
     return {"orders_per_s": count / wall,
-            "cpu_ms_per_order": 1000 * (cpu_seconds(worker.pid) - before) / count}
+            "cpu_ms_per_order": 1000 * (_worker_cpu(workers) - before) / count}
 
 
-def product(cluster: Cluster, worker: Child, orders: int) -> dict[str, float]:
+def product(cluster: Cluster, workers: list[Child], orders: int) -> dict[str, float]:
     from tasks import submit_many
 
     documents = [{"reference": f"bench-{i}", "buyer": {"email": "bench@example.com"},
                   "items": [{"session_id": 1002, "price_type_id": 3, "quantity": 1}]}
                  for i in range(orders)]
-    before, started = cpu_seconds(worker.pid), time.perf_counter()
+    before, started = _worker_cpu(workers), time.perf_counter()
     accepted = sum(1 for s in submit_many(documents) if s.status == "accepted")
     cluster.collect({d["reference"] for d in documents}, timeout=600)
     wall = time.perf_counter() - started
     assert accepted == orders
     return {"orders_per_s": orders / wall,
-            "cpu_ms_per_order": 1000 * (cpu_seconds(worker.pid) - before) / orders}
+            "cpu_ms_per_order": 1000 * (_worker_cpu(workers) - before) / orders}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=400)
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "threads"])
+    parser.add_argument("-c", "--concurrency", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
     args = parser.parse_args()
     tmp = Path(f"/tmp/bench-chain-{uuid.uuid4().hex[:6]}")
     tmp.mkdir(parents=True)
@@ -111,29 +124,41 @@ def main() -> None:
     try:
         rows["plain script (ideal)"] = plain_script(settings, args.orders)
         keys = cluster.keys
-        worker = Child([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
-                        "-P", "prefork", "-c", "2", "-I", "bench.probe_tasks",
-                        "-Q", f"{keys.continue_queue},{keys.task_queue}",
-                        "--without-gossip", "--without-mingle", "--without-heartbeat"],
-                       tmp / "worker.log", {**env_for(settings), "PYTHONPATH": str(ROOT)})
-        cluster.workers.append(worker)
-        wait_for(lambda: "ready." in worker.output(), timeout=60, what="the worker")
-        rows["bare chain of 6 tasks"] = bare_chains(worker, 6, args.orders)
-        rows["bare chain of 4 tasks"] = bare_chains(worker, 4, args.orders)
-        rows["product (4-task purchase chain)"] = product(cluster, worker, args.orders)
+        workers = []
+        for n in range(args.workers):
+            worker = Child([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
+                            "-P", args.pool, "-c", str(args.concurrency), "-n", f"bench{n}@%h",
+                            "-I", "bench.probe_tasks",
+                            "-Q", f"{keys.continue_queue},{keys.task_queue}",
+                            "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                           tmp / f"worker{n}.log", {**env_for(settings), "PYTHONPATH": str(ROOT)})
+            cluster.workers.append(worker)
+            workers.append(worker)
+        wait_for(lambda: all("ready." in w.output() for w in workers), timeout=60,
+                 what="the workers")
+        rows["bare chain of 6 tasks (no-op)"] = bare_chains(workers, "noop", 6, args.orders)
+        rows["bare chain of 6 tasks (POST)"] = bare_chains(workers, "post", 6, args.orders)
+        rows["bare chain of 6 (lean POST)"] = bare_chains(workers, "post_lean", 6, args.orders)
+        rows["product (4-task purchase chain)"] = product(cluster, workers, args.orders)
     finally:
         cluster.stop()
         client = redis_client(settings)
         for key in client.scan_iter(f"{settings.key_prefix}*"):
             client.delete(key)
     ideal = rows["plain script (ideal)"]["orders_per_s"]
-    print(f"\n{'':34} {'orders/s':>10} {'CPU ms/order':>13} {'vs ideal':>9}")
+    bare = rows["bare chain of 6 tasks (POST)"]["cpu_ms_per_order"]
+    print(f"\n{args.workers} worker process(es), {args.pool} -c {args.concurrency}, "
+          f"{args.orders} orders, zero added latency")
+    print(f"{'':34} {'orders/s':>10} {'vs script':>10} {'CPU ms/order':>13} {'vs bare POST':>13}")
     for name, row in rows.items():
-        print(f"{name:34} {row['orders_per_s']:10.1f} {row['cpu_ms_per_order']:13.2f} "
-              f"{row['orders_per_s'] / ideal:9.2f}")
+        print(f"{name:34} {row['orders_per_s']:10.1f} {row['orders_per_s'] / ideal:10.2f} "
+              f"{row['cpu_ms_per_order']:13.2f} {row['cpu_ms_per_order'] / bare:13.2f}")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
-                                   "orders": args.orders, "rows": rows}, indent=2) + "\n")
+                                   "orders": args.orders, "pool": args.pool,
+                                   "concurrency": args.concurrency,
+                                   "worker_processes": args.workers, "rows": rows},
+                                  indent=2) + "\n")
     print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
 
 

@@ -33,7 +33,7 @@ from fulfilment.errors import (
     TransientError,
 )
 from fulfilment.lease import Leases
-from fulfilment.ledger import Entry, LeaseLostError, Ledger, UnknownIntentError
+from fulfilment.ledger import Begun, Entry, LeaseLostError, Ledger, UnknownIntentError
 from fulfilment.logcontext import bound
 from fulfilment.onebox.client import OneboxClient
 from fulfilment.results import ResultPublisher
@@ -81,7 +81,12 @@ class Stage(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Proceed:
-    """The stage is reached (or the purchase is finished): go on."""
+    """The stage is reached (or the purchase is finished): go on.
+
+    Once published, ``outcome`` is the outcome that went out.
+    """
+
+    outcome: OrderResult | None = None
 
 
 @dataclass(frozen=True)
@@ -133,17 +138,16 @@ def advance(services: Services, reference: str, target: Stage, attempt: int = 1)
     ``attempt`` (the task's delivery count) is only for the logs: retry limits
     count failures without progress in the ledger, not deliveries.
     """
-    entry = services.ledger.get(reference)
-    if entry is None:
-        raise UnknownIntentError(f"no ledger entry for reference {reference}")
-    with bound(reference=reference, order_id=entry.order_id, attempt=attempt):
-        if entry.published or (entry.finished and target < Stage.PUBLISHED):
-            return Proceed()
-        lease = services.leases.take(reference)
-        if lease is None:
+    lease = services.leases.offer(reference)
+    # One round trip: the entry, and (unless there is nothing to do) the lease.
+    state, entry = services.ledger.begin(reference, lease.key, lease.token, services.leases.ttl,
+                                         done_when_finished=target < Stage.PUBLISHED)
+    with bound(reference=reference, order_id=entry and entry.order_id, attempt=attempt):
+        if state is Begun.DONE:
+            return Proceed(entry.outcome if entry is not None else None)
+        if entry is None:
             return metrics.decided(RetryIn(1.0, "another worker holds this intent"))
-        with lease, services.ledger.fenced(lease.key, lease.token):
-            entry = _reread(services, reference)  # re-read under the lease
+        with lease, services.ledger.fenced(lease.key, lease.token, entry):
             try:
                 return metrics.decided(_advance_leased(services, entry, target))
             except LeaseLostError as exc:
@@ -158,11 +162,10 @@ def _time_budget(settings: Settings) -> float:
 
 
 def _advance_leased(services: Services, entry: Entry, target: Stage) -> Decision:
-    services.ledger.count_attempt(entry.reference)
     until = services.clock() + _time_budget(services.settings)
     decision = _attempt(services, entry, target, until)
     if isinstance(decision, Proceed) and target >= Stage.PUBLISHED:
-        _publish(services, entry.reference)
+        return Proceed(_publish(services, entry.reference))
     return decision
 
 
@@ -393,14 +396,15 @@ def _finish_confirmed(services: Services, entry: Entry, order: Order) -> None:
     log.info("order %s confirmed", stands.order_code)
 
 
-def _publish(services: Services, reference: str) -> None:
+def _publish(services: Services, reference: str) -> OrderResult:
+    """Put the outcome on the results queue (once); return it."""
     entry = _reread(services, reference)
-    if entry.published:
-        return
     assert entry.outcome is not None
-    with bound(step="publish"):
-        services.publisher.publish(entry.outcome)
-    services.ledger.mark_published(reference)
+    if not entry.published:
+        with bound(step="publish"):
+            services.publisher.publish(entry.outcome)
+        services.ledger.mark_published(reference)
+    return entry.outcome
 
 
 # --- when things go wrong --------------------------------------------------------

@@ -43,6 +43,14 @@ class Leases:
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
 
+    def offer(self, reference: str) -> Lease:
+        """A lease on ``reference`` with a fresh token, for a script to take in Redis.
+
+        ``Ledger.begin`` takes it in the same round trip as it reads the entry;
+        used only once taken (its heartbeat starts on entering it).
+        """
+        return Lease(self, self._keys.lease(reference), uuid.uuid4().hex)
+
     def take(self, reference: str) -> Lease | None:
         """The lease on ``reference``, or None while another worker holds it."""
         key, token = self._keys.lease(reference), uuid.uuid4().hex

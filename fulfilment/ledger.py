@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -183,6 +183,36 @@ return 0
 """
 
 
+# A task's first round trip: read the entry and, unless it needs no more work,
+# take the intent's lease and count the attempt. KEYS: ledger, open set, lease.
+# ARGV: now, retention, reference, lease token, lease ms, '1' when an outcome
+# alone means done (else only publishing does). Returns -1 when the entry is gone,
+# else {state, fields}: 0 nothing to do (not leased), 1 leased, 2 another holds it.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'published') == '1' or
+   (ARGV[6] == '1' and redis.call('HEXISTS', KEYS[1], 'outcome') == 1) then
+  return {0, redis.call('HGETALL', KEYS[1])}
+end
+if not redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[5]) and
+   redis.call('GET', KEYS[3]) ~= ARGV[4] then
+  return {2, {}}
+end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[3])
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
+
+
+class Begun(enum.Enum):
+    """What ``Ledger.begin`` found."""
+
+    DONE = 0  # nothing more to do for this target: no lease taken
+    LEASED = 1  # the lease is ours, the attempt counted
+    HELD = 2  # another worker holds the intent
+
 @dataclass(frozen=True)
 class PreparedAdmission:
     """One admission script call, ready to send: see ``Ledger.prepare_admissions``."""
@@ -203,8 +233,24 @@ class LeaseLostError(TransientError):
     default_code = "LEASE_LOST"
 
 
+@dataclass
+class _Held:
+    """The lease a run holds, and its intent's fields as that run last wrote them.
+
+    While the lease is ours no one else writes the entry (their writes are
+    fenced off), so the entry read when the lease was taken, plus our own
+    writes, is what Redis holds: reading it again costs no round trip.
+    """
+
+    lease_key: str
+    token: str
+    reference: str
+    fields: dict[str, str] | None
+    entry: Entry | None = None
+
+
 #: The lease whose holder may write, for the thread (or task) at work: see ``fenced``.
-_FENCE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+_FENCE: contextvars.ContextVar[_Held | None] = contextvars.ContextVar(
     "ledger_fence", default=None)
 
 
@@ -232,6 +278,9 @@ class Entry:
     outcome: OrderResult | None
     published: bool
     updated_at: float
+    batch: str | None = None
+    #: The hash's fields as read, for a holder of the lease to keep up to date.
+    fields: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:
@@ -256,6 +305,7 @@ class Ledger:
         self._finish = client.register_script(_FINISH)
         self._settle = client.register_script(_SETTLE)
         self._published = client.register_script(_PUBLISHED)
+        self._begin = client.register_script(_BEGIN)
 
     @property
     def keys(self) -> Keys:
@@ -311,21 +361,52 @@ class Ledger:
                 self._keys.batch_members(batch)]
 
     def get(self, reference: str) -> Entry | None:
+        held = _FENCE.get()
+        if held is not None and held.reference == reference and held.fields is not None:
+            if held.entry is None:
+                held.entry = self._entry(reference, held.fields)
+            return held.entry
         raw = self.redis.hgetall(self._keys.ledger(reference))
-        if not raw:
-            return None
-        fields = {text(k): text(v) for k, v in raw.items()}
-        entry = self._entry(reference, fields)
+        return self._read(reference, raw) if raw else None
+
+    def begin(self, reference: str, lease_key: str, token: str, lease_ttl: float, *,
+              done_when_finished: bool) -> tuple[Begun, Entry | None]:
+        """Read the entry and, unless there is nothing to do, take its lease: one round trip.
+
+        Counts the attempt when the lease is taken. ``done_when_finished``: an
+        outcome alone means there is nothing to do (otherwise only a published
+        one does). Raises ``UnknownIntentError`` when the entry is gone; the
+        entry is None with ``Begun.HELD``.
+        """
+        answer = self._begin(
+            keys=[self._keys.ledger(reference), self._keys.open_intents, lease_key],
+            args=[repr(self._clock()), self._retention, reference, token,
+                  int(lease_ttl * 1000), "1" if done_when_finished else "0"])
+        self._check(reference, answer)
+        state, flat = Begun(int(answer[0])), answer[1]
+        if state is Begun.HELD:
+            return state, None
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return state, self._read(reference, raw)
+
+    def _read(self, reference: str, raw: Mapping[Any, Any]) -> Entry:
+        entry = self._entry(reference, {text(k): text(v) for k, v in raw.items()})
         with self._intents_lock:
             if len(self._batches) >= INTENT_CACHE_SIZE:
                 self._batches.pop(next(iter(self._batches)))
-            self._batches[reference] = fields.get("batch") or None
+            self._batches[reference] = entry.batch
         return entry
 
     @contextmanager
-    def fenced(self, lease_key: str, token: str) -> Iterator[None]:
-        """Writes made inside go through only while this lease is still ours."""
-        previous = _FENCE.set((lease_key, token))
+    def fenced(self, lease_key: str, token: str, entry: Entry | None = None) -> Iterator[None]:
+        """Writes made inside go through only while this lease is still ours.
+
+        Given the entry read when the lease was taken (``begin``), reads of it
+        inside are answered from memory, kept up to date with our own writes.
+        """
+        held = _Held(lease_key, token, entry.reference if entry else "",
+                     dict(entry.fields) if entry else None, entry)
+        previous = _FENCE.set(held)
         try:
             yield
         finally:
@@ -333,29 +414,48 @@ class Ledger:
 
     def record(self, reference: str, **changes: Any) -> None:
         """Write progress fields (and mark the intent as having progressed now)."""
-        self._write(self._record, reference, "", *_pairs(changes))
+        pairs = _pairs(changes)
+        self._write(self._record, reference, "", *pairs)
+        self._remember(reference, dict(zip(pairs[::2], pairs[1::2], strict=True)))
 
     def count_failure(self, reference: str) -> int:
         """One more failure without progress (progress writes ``failures=0``); the count."""
-        return int(self._write(self._record, reference, "failures"))
+        count = int(self._write(self._record, reference, "failures"))
+        self._remember(reference, {"failures": str(count)})
+        return count
 
     def count_attempt(self, reference: str) -> int:
         """One more step attempt for this intent; returns the total so far."""
-        return int(self._write(self._record, reference, "attempts"))
+        count = int(self._write(self._record, reference, "attempts"))
+        self._remember(reference, {"attempts": str(count)})
+        return count
 
     def finish(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Write the outcome unless one stands already; return the one that stands."""
-        answer = self._write_counted(self._finish, reference, outcome.batch, _result_json(outcome))
-        return metrics.outcome_written(outcome, load_result(text(answer)))
+        answer = text(self._write_counted(self._finish, reference, outcome.batch,
+                                          _result_json(outcome)))
+        self._remember(reference, {"outcome": answer})
+        return metrics.outcome_written(outcome, load_result(answer))
 
     def settle(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Replace an ``unsettled`` outcome by a settled one (to be published again)."""
-        answer = self._write_counted(self._settle, reference, outcome.batch, _result_json(outcome))
-        return load_result(text(answer))
+        answer = text(self._write_counted(self._settle, reference, outcome.batch,
+                                          _result_json(outcome)))
+        if answer == _result_json(outcome):
+            self._remember(reference, {"outcome": answer, "published": "0"})
+        return load_result(answer)
 
     def mark_published(self, reference: str) -> None:
         """The outcome is on the results queue: nothing more is owed for this intent."""
         self._write_counted(self._published, reference, self._batches.get(reference))
+        self._remember(reference, {"published": "1"})
+
+    def _remember(self, reference: str, changes: Mapping[str, str]) -> None:
+        """Keep the lease holder's copy of the entry as it now stands in Redis."""
+        held = _FENCE.get()
+        if held is not None and held.reference == reference and held.fields is not None:
+            held.fields.update(changes, updated_at=repr(self._clock()))
+            held.entry = None
 
     def _write(self, script: Any, reference: str, *args: Any) -> Any:
         return self._check(reference, self._call(script, reference, [], args))
@@ -378,11 +478,11 @@ class Ledger:
 
     def _call(self, script: Any, reference: str, extra_keys: list[str],
               args: Sequence[Any]) -> Any:
-        fence = _FENCE.get()
+        held = _FENCE.get()
         keys = [self._keys.ledger(reference), self._keys.open_intents,
-                fence[0] if fence else self._keys.lease(reference), *extra_keys]
+                held.lease_key if held else self._keys.lease(reference), *extra_keys]
         return script(keys=keys, args=[repr(self._clock()), self._retention, reference,
-                                       fence[1] if fence else "", *args])
+                                       held.token if held else "", *args])
 
     @staticmethod
     def _check(reference: str, answer: Any) -> Any:
@@ -441,6 +541,8 @@ class Ledger:
             outcome=load_result(outcome) if outcome else None,
             published=fields.get("published") == "1",
             updated_at=float(fields.get("updated_at", 0)),
+            batch=fields.get("batch") or None,
+            fields=fields,
         )
 
 

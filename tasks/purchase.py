@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError
 
 from fulfilment import flow
 from fulfilment.flow import RetryIn, Stage, UnknownIntentError
+from schemas.result import OrderResult
 from tasks import runtime
 from tasks.app import app
 
@@ -37,6 +38,7 @@ AnyTask = Task[Any, Any]
 
 
 def _advance(task: AnyTask, reference: object, stage: Stage) -> str:
+    """The reference, passed on to the next task; the last task returns ``summary``."""
     if not isinstance(reference, str) or not _REFERENCE.fullmatch(reference):
         runtime.services().publisher.publish_failure(
             "task argument is not a reference", {"reference": ["invalid"]}, repr(reference)[:200])
@@ -54,6 +56,8 @@ def _advance(task: AnyTask, reference: object, stage: Stage) -> str:
         log.info("retrying %s of %s in %.2fs (%s)", stage.name, reference, decision.delay,
                  decision.reason)
         raise task.retry(countdown=decision.delay, max_retries=None)
+    if stage is Stage.PUBLISHED and decision.outcome is not None:
+        return summary(decision.outcome)
     return reference
 
 
@@ -61,8 +65,7 @@ def _stage_task(name: str, stage: Stage) -> AnyTask:
     """A bound task that brings an intent up to ``stage``; Redis blips retry with backoff."""
 
     def run(self: AnyTask, reference: str) -> str:
-        advanced = _advance(self, reference, stage)
-        return outcome_summary(advanced) if stage is Stage.PUBLISHED else advanced
+        return _advance(self, reference, stage)
 
     run.__name__ = run.__qualname__ = name.rsplit(".", 1)[-1]
     run.__doc__ = f"Bring an intent up to {stage.name}."
@@ -70,7 +73,7 @@ def _stage_task(name: str, stage: Stage) -> AnyTask:
                     retry_backoff=True, retry_backoff_max=30, max_retries=None)(run)
 
 
-def outcome_summary(reference: str) -> str:
+def summary(outcome: OrderResult) -> str:
     """What the chain's last task returns: Flower and ``celery events`` tell outcomes apart.
 
     ``confirmed: <order code>``, ``failed: <error code>`` or ``unsettled: <error
@@ -78,10 +81,6 @@ def outcome_summary(reference: str) -> str:
     in the task-succeeded event (and its "succeeded" log line) even though
     results are not stored, so a failed purchase no longer reads as a success.
     """
-    entry = runtime.services().ledger.get(reference)
-    outcome = entry.outcome if entry is not None else None
-    if outcome is None:
-        return reference
     if outcome.error is None:
         return f"{outcome.status}: {outcome.order_code}"
     return f"{outcome.status}: {outcome.error.code}"

@@ -169,18 +169,35 @@ def _seat_body(seat: SeatRef) -> dict[str, int]:
     return body
 
 
-def new_session() -> requests.Session:
-    """A keep-alive session whose adapter never retries on its own (the flow decides)."""
+def new_session(base_url: str | None = None, verify: bool | str = True) -> requests.Session:
+    """A keep-alive session whose adapter never retries on its own (the flow decides).
+
+    TLS certificates are always verified (``verify``: True, or a CA bundle:
+    ``ONEBOX_CA_BUNDLE``). requests reads proxies from the environment on every
+    request (walking all of ``os.environ``, twice): measured at a sixth of a
+    worker's CPU per order. The client talks to one host, so given it they are
+    read once here; requests' own CA variables are not read (``ONEBOX_CA_BUNDLE``
+    says which CAs to trust).
+    """
     session = requests.Session()
     adapter = HTTPAdapter(pool_connections=2, pool_maxsize=POOL_SIZE, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
+    session.verify = verify
+    if base_url is not None:
+        session.proxies.update(requests.utils.get_environ_proxies(base_url))
+        session.trust_env = False
     return session
 
 
 def build_client(settings: Settings, redis_client: redis.Redis) -> OneboxClient:
-    """A client and token provider sharing one HTTP session and the fleet's guard."""
-    session = new_session()
+    """A client and its token provider, sharing the fleet's guard.
+
+    Each has a session of its own: the token endpoint may be another host, with
+    its own proxy settings (read once, see ``new_session``).
+    """
     guard = OneboxGuard.for_settings(settings, redis_client)
-    tokens = TokenProvider(settings, redis_client, session, guard=guard)
-    return OneboxClient(settings, tokens, session, guard)
+    tokens = TokenProvider(settings, redis_client,
+                           new_session(settings.token_url, settings.tls_verify), guard=guard)
+    return OneboxClient(settings, tokens,
+                        new_session(settings.onebox_api_url, settings.tls_verify), guard)

@@ -16,6 +16,13 @@ one Redis round trip (the ``_ADMIT`` script) that
   rather than holding a worker.
 - counts the call in the breaker's window.
 
+Without a rate limit, a process that has just seen the breaker closed does
+not ask again for ``BREAKER_CACHE`` seconds: it counts its calls itself and
+hands the count over with its next ``_ADMIT`` or failure report. So calls cost
+no round trip at all in the common case, and a process learns that the
+breaker opened at most that long after it did (its own failures it learns at
+once).
+
 A failed call (5xx, a timeout, a connection failure; never a 4xx, 429
 included: that is Onebox answering) is reported with a second script, which
 opens the breaker when a window holds at least ``ONEBOX_BREAKER_FAILURES``
@@ -62,6 +69,8 @@ PROBE_PATIENCE = 2.0
 HELD_LOG_EVERY = 10.0
 #: How long the breaker's state outlives its last change (an idle fleet forgets it).
 STATE_TTL = 3600.0
+#: Seconds a process trusts a "closed" answer when there is no rate limit to keep.
+BREAKER_CACHE = 0.5
 
 # What _ADMIT answers first.
 GO, OPEN, PROBING, TOO_LONG = 0, 1, 2, 3
@@ -81,7 +90,8 @@ end
 # KEYS: breaker hash, probe key, rate key.
 # ARGV: now (us, or '' for Redis's TIME), breaker on ('1'/'0'), probe token, probe
 # TTL (ms), window (us), interval between calls (us, '0' = no limit), longest wait
-# (us), state TTL (ms). Answers {verdict, microseconds, 1 if this call is the probe}.
+# (us), state TTL (ms), calls made meanwhile without asking (see BREAKER_CACHE).
+# Answers {verdict, microseconds, 1 if this call is the probe}.
 _ADMIT = _NOW + """
 local breaker = ARGV[2] == '1'
 local probe = 0
@@ -111,10 +121,11 @@ if interval > 0 then
 end
 if breaker and probe == 0 then
   local start = tonumber(redis.call('HGET', KEYS[1], 'window_start'))
+  local calls = 1 + (tonumber(ARGV[9]) or 0)
   if start and now - start < tonumber(ARGV[5]) then
-    redis.call('HINCRBY', KEYS[1], 'calls', 1)
+    redis.call('HINCRBY', KEYS[1], 'calls', calls)
   else
-    redis.call('HSET', KEYS[1], 'window_start', string.format('%.0f', now), 'calls', 1,
+    redis.call('HSET', KEYS[1], 'window_start', string.format('%.0f', now), 'calls', calls,
                'failures', 0)
     redis.call('PEXPIRE', KEYS[1], ARGV[8])
   end
@@ -124,7 +135,8 @@ return {0, wait, probe}
 
 # KEYS: breaker hash, probe key.
 # ARGV: now (us or ''), outcome (ok/fail/neutral), probe token ('' if not the probe),
-# failures to open, failure share, cool-down (us), window (us), state TTL (ms).
+# failures to open, failure share, cool-down (us), window (us), state TTL (ms), calls
+# made meanwhile without asking (see BREAKER_CACHE).
 # Answers {verdict, failures, calls}: opened, reopened, closed, released, counted, none.
 _REPORT = _NOW + """
 local outcome = ARGV[2]
@@ -148,14 +160,15 @@ end
 if outcome ~= 'fail' or is_open then return {'none', 0, 0} end
 local start = tonumber(redis.call('HGET', KEYS[1], 'window_start'))
 local failures, calls
+local uncounted = tonumber(ARGV[9]) or 0
 if start and now - start < tonumber(ARGV[7]) then
   failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-  calls = math.max(tonumber(redis.call('HGET', KEYS[1], 'calls')) or 0, failures)
+  calls = math.max(redis.call('HINCRBY', KEYS[1], 'calls', uncounted), failures)
 else
-  redis.call('HSET', KEYS[1], 'window_start', string.format('%.0f', now), 'calls', 1,
-             'failures', 1)
+  redis.call('HSET', KEYS[1], 'window_start', string.format('%.0f', now), 'calls',
+             math.max(uncounted, 1), 'failures', 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[8])
-  failures, calls = 1, 1
+  failures, calls = 1, math.max(uncounted, 1)
 end
 if failures >= tonumber(ARGV[4]) and failures >= tonumber(ARGV[5]) * calls then
   open_now()
@@ -239,6 +252,12 @@ class OneboxGuard:
         self._lock = threading.Lock()
         self._held = _HeldBack()
         self._redis_warned_at = -math.inf
+        # Without a rate limit: until when a "closed" answer is trusted, and the
+        # calls made meanwhile, not yet counted in the breaker's window.
+        self._cache = BREAKER_CACHE if self._interval_us == 0 else 0.0
+        self._monotonic = clock or time.monotonic
+        self._closed_until = -math.inf
+        self._uncounted = 0
 
     @classmethod
     def for_settings(cls, settings: Settings, client: redis.Redis) -> OneboxGuard | None:
@@ -252,13 +271,19 @@ class OneboxGuard:
     def admit(self, step: str) -> Permit:
         """Wait for this call's turn and return its permit, or raise a ``HeldBackError``."""
         config = self.config
+        with self._lock:
+            if self._monotonic() < self._closed_until:
+                self._uncounted += 1
+                return Permit()
+            uncounted, self._uncounted = self._uncounted, 0
         token = secrets.token_hex(8)
         try:
             verdict, micros, probe = self._admit(
                 keys=[self.breaker_key, self.probe_key, self.rate_key],
                 args=[self._now(), "1" if config.breaker_failures else "0", token,
                       int(config.probe_ttl * 1000), int(config.breaker_window * US),
-                      self._interval_us, int(config.max_wait * US), self._state_ttl_ms])
+                      self._interval_us, int(config.max_wait * US), self._state_ttl_ms,
+                      uncounted])
         except redis.RedisError as exc:
             self._redis_unavailable(exc)
             return Permit()
@@ -276,6 +301,9 @@ class OneboxGuard:
                                    step=step, retry_after=seconds)
         if probe:
             log.info("circuit breaker half-open: probing Onebox with one %s call", step)
+        elif self._cache:
+            with self._lock:
+                self._closed_until = self._monotonic() + self._cache
         if seconds > 0:
             self._note_held(seconds)
             self._sleep(seconds)
@@ -286,12 +314,14 @@ class OneboxGuard:
         config = self.config
         if not config.breaker_failures or (permit.probe is None and outcome != FAILED):
             return
+        with self._lock:  # a failure: ask again before the next call
+            uncounted, self._uncounted, self._closed_until = self._uncounted, 0, -math.inf
         try:
             raw = self._report(
                 keys=[self.breaker_key, self.probe_key],
                 args=[self._now(), outcome, permit.probe or "", config.breaker_failures,
                       FAILURE_SHARE, int(config.breaker_cooldown * US),
-                      int(config.breaker_window * US), self._state_ttl_ms])
+                      int(config.breaker_window * US), self._state_ttl_ms, uncounted])
         except redis.RedisError as exc:
             self._redis_unavailable(exc)
             return

@@ -16,6 +16,7 @@ from fulfilment.config import Settings
 from fulfilment.errors import CircuitOpenError, HeldBackError, RateLimitedError, TransientError
 from fulfilment.keys import Keys
 from fulfilment.onebox.guard import (
+    BREAKER_CACHE,
     FAILED,
     OK,
     PROBE_PATIENCE,
@@ -175,7 +176,31 @@ def test_a_few_failures_among_many_successes_do_not_open_it() -> None:
         guard.send("create", fleet.answer(503 if index % 4 == 0 else 200))  # 10 of 40
         fleet.now += 0.1
     state = guard.state()
-    assert state.status == "closed" and state.failures == 10 and state.calls == 40
+    assert state.status == "closed" and state.failures == 10
+    # Calls since the last failure are handed over with the next ask (BREAKER_CACHE).
+    assert 40 - BREAKER_CACHE / 0.1 <= state.calls <= 40
+
+
+def test_without_a_rate_limit_a_closed_breaker_is_asked_once_per_breaker_cache() -> None:
+    fleet = breaker_fleet()
+    guard, other = fleet.guard(), fleet.guard()
+    asks = []
+    admit = guard._admit
+    guard._admit = lambda **kw: asks.append(kw) or admit(**kw)  # type: ignore[method-assign]
+    for _ in range(10):
+        guard.send("create", fleet.answer(200))
+        fleet.now += BREAKER_CACHE / 4
+    assert len(asks) == 3  # calls 0, 4 and 8: each time the last answer is BREAKER_CACHE old
+    assert [ask["args"][-1] for ask in asks] == [0, 3, 3]  # the calls made meanwhile
+    for _ in range(20):  # another worker's failures open the breaker
+        other.send("create", fleet.answer(503))
+        if other.state().status == "open":
+            break
+    assert guard.state().status == "open"
+    guard.send("create", fleet.answer(200))  # still trusted: learnt late, but learnt
+    fleet.now += BREAKER_CACHE
+    with pytest.raises(CircuitOpenError):
+        guard.send("create", fleet.answer(200))
 
 
 def test_failures_spread_over_many_windows_do_not_open_it() -> None:

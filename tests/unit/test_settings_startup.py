@@ -119,10 +119,11 @@ def test_tls_verification_is_on_and_takes_a_ca_bundle(tmp_path: Path) -> None:
     assert plain.tls_verify is True
     with_bundle = Settings.from_env({"ONEBOX_CA_BUNDLE": str(bundle)})
     assert with_bundle.tls_verify == str(bundle)
-    # Every call, the token's included, goes through the client's session.
+    # Every call verifies: the client's session and the token provider's.
     for settings, expected in ((plain, True), (with_bundle, str(bundle))):
         client = build_client(settings, fakeredis.FakeRedis())
         assert client._session.verify == expected
+        assert client._tokens._session.verify == expected
 
 
 def test_a_missing_ca_bundle_stops_start_up(tmp_path: Path) -> None:
