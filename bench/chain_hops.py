@@ -11,7 +11,7 @@ a process of its own. Measured in one run, so the ratios hold on a noisy machine
   making one POST to the sandbox with plain ``requests`` (bench/probe_tasks.py).
 - bare chain of 6 (lean POST): the same with the session reading the
   environment once, as the product's does: the stricter reference.
-- product: intents through submit_many -> the 4-task purchase chain -> results.
+- product: intents through submit_many -> the 3-task purchase chain -> results.
 
 CPU per order: the script's own for the plain script, the workers' (main and
 pool processes, from /proc) for the rest. Same pool, concurrency and number of
@@ -139,7 +139,7 @@ def main() -> None:
         rows["bare chain of 6 tasks (no-op)"] = bare_chains(workers, "noop", 6, args.orders)
         rows["bare chain of 6 tasks (POST)"] = bare_chains(workers, "post", 6, args.orders)
         rows["bare chain of 6 (lean POST)"] = bare_chains(workers, "post_lean", 6, args.orders)
-        rows["product (4-task purchase chain)"] = product(cluster, workers, args.orders)
+        rows["product (3-task purchase chain)"] = product(cluster, workers, args.orders)
     finally:
         cluster.stop()
         client = redis_client(settings)
@@ -153,13 +153,14 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:34} {row['orders_per_s']:10.1f} {row['orders_per_s'] / ideal:10.2f} "
               f"{row['cpu_ms_per_order']:13.2f} {row['cpu_ms_per_order'] / bare:13.2f}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
+    out = RESULTS if args.workers == 1 else RESULTS.with_name(f"chain_hops-{args.workers}w.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
                                    "orders": args.orders, "pool": args.pool,
                                    "concurrency": args.concurrency,
                                    "worker_processes": args.workers, "rows": rows},
                                   indent=2) + "\n")
-    print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+    print(f"\nwritten to {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ outcome, recorded and published, not a crash), so the chain's last task
 returns the outcome: ``confirmed: <order code>`` or ``failed: <error code>``.
 Here a real worker with task events on (``-E``) buys one intent and fails
 another, and a real event receiver in this process reads the
-``task-succeeded`` events of their ``fulfilment.publish`` tasks.
+``task-succeeded`` events of their ``fulfilment.confirm`` tasks.
 """
 
 from __future__ import annotations
@@ -108,15 +108,15 @@ def test_the_last_task_says_confirmed_or_failed_in_its_succeeded_event(
         assert {s.status for s in submitted} == {"accepted"}
         results = cluster.collect({"ev-ok", "ev-sold"})
 
-        # Then the publish task's task-succeeded event says which is which
+        # Then the last task's (confirm's) task-succeeded event says which is which
         def publish_results() -> dict[str, str] | None:
             received = {e["uuid"]: e for e in events.of_type("task-received")
-                        if e["name"] == "fulfilment.publish"}
+                        if e["name"] == "fulfilment.confirm"}
             found = {received[e["uuid"]]["args"]: e["result"]
                      for e in events.of_type("task-succeeded") if e["uuid"] in received}
             return found if len(found) == 2 else None
 
-        found = wait_for(publish_results, timeout=30, what="the publish tasks' events")
+        found = wait_for(publish_results, timeout=30, what="the confirm tasks' events")
     finally:
         events.close()
     assert results["ev-ok"].status == "confirmed" and results["ev-sold"].status == "failed"

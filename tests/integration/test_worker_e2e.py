@@ -90,6 +90,18 @@ def test_intents_are_confirmed_once_with_the_sandbox_codes(cluster: Cluster) -> 
         assert secret not in logs
 
 
+def test_four_worker_processes_share_one_deployment(cluster: Cluster) -> None:
+    # Given four worker processes on one broker, one ledger, one Onebox account
+    for _ in range(4):
+        cluster.start_worker(concurrency=2)
+    # When eighty intents are submitted
+    references = submit_all([intent(f"four-{i}", [auto(1)]) for i in range(80)])
+    cluster.collect(references, timeout=180)
+    # Then each is bought once, and every process took a share of the purchases
+    assert cluster.assert_exactly_once(references) == {"confirmed": 80}
+    finished = [worker.output().count("fulfilment.confirm[") for worker in cluster.workers]
+    assert all(count > 0 for count in finished), finished
+
 def test_the_sweep_resumes_an_intent_whose_message_was_lost(cluster: Cluster,
                                                             redis_client: redis.Redis) -> None:
     # Given an intent admitted to the ledger whose task never reached the broker
