@@ -107,7 +107,7 @@ def results(jsonl: IO[str] | None, count: int | None, idle_timeout: float | None
 
 @cli.group()
 def batch() -> None:
-    """How a batch of intents stands (the intents' ``batch`` field; ``submit --batch``)."""
+    """How a batch of intents stands (the intents' 'batch' field; 'submit --batch')."""
 
 
 @batch.command("status")

@@ -22,6 +22,7 @@ command), so sharing it between threads is safe.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -56,6 +57,23 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
+#: The schemes of a Redis broker: plain, and over TLS (the same kombu transport underneath).
+REDIS_SCHEMES = ("redis://", "rediss://")
+
+
 def transport_for(url: str) -> str | None:
-    """Our transport for a Redis broker URL; None lets kombu pick by the scheme."""
-    return TRANSPORT if url.startswith("redis://") else None
+    """Our transport for a Redis broker URL (``rediss://`` too); None lets kombu pick by
+    the scheme."""
+    return TRANSPORT if url.startswith(REDIS_SCHEMES) else None
+
+
+def ssl_for(url: str) -> dict[str, Any] | bool:
+    """TLS for a ``rediss://`` broker, its certificate verified (False: no TLS).
+
+    kombu turns TLS on from the scheme only when it picks the transport itself:
+    once ``transport_for`` names ours, it must be asked for (Celery's
+    ``broker_use_ssl``, ``Connection(ssl=...)``), or the connection would be
+    plain TCP. kombu's own default for ``rediss://`` skips verification (with a
+    warning); we verify, as the ledger's redis-py client does (system CAs, or
+    ``SSL_CERT_FILE``; the host name checked)."""
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED} if url.startswith("rediss://") else False

@@ -20,7 +20,7 @@ from fulfilment.keys import Keys
 from fulfilment.lease import Leases
 from fulfilment.ledger import Ledger
 from fulfilment.onebox.client import build_client
-from fulfilment.redis_transport import transport_for
+from fulfilment.redis_transport import ssl_for, transport_for
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from fulfilment.topology import Topology, is_amqp
@@ -66,7 +66,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 def broker_connection(settings: Settings) -> Connection:
     url = settings.effective_broker_url
-    return Connection(url, transport=transport_for(url),
+    return Connection(url, transport=transport_for(url), ssl=ssl_for(url),
                       transport_options=transport_options(settings))
 
 

@@ -20,7 +20,7 @@ from celery.signals import setup_logging, worker_process_init
 from fulfilment.config import Settings
 from fulfilment.keys import Keys
 from fulfilment.logcontext import configure_logging
-from fulfilment.redis_transport import transport_for
+from fulfilment.redis_transport import ssl_for, transport_for
 from fulfilment.topology import Topology, control_names, is_amqp
 from fulfilment.wiring import transport_options
 from tasks.startup import settings_at_import
@@ -33,6 +33,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.effective_broker_url,
         # kombu's Redis transport, minus a crash on Redis restarts (see the module).
         "broker_transport": transport_for(settings.effective_broker_url),
+        "broker_use_ssl": ssl_for(settings.effective_broker_url),  # rediss://: verified TLS
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
         **rabbitmq_config(settings),

@@ -16,6 +16,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import click
 import redis
@@ -46,9 +47,10 @@ WAIT_POLL = 1.0
 
 @cli.command()
 @click.option("-n", "--count", default=100, show_default=True, help="How many intents.")
-@click.option("--broker", "broker_url", envvar="FULFILMENT_BROKER_URL", default=None,
-              help="Use this broker and real Redis with workers started by "
-                   "'celery -A tasks worker' (default: everything in this process).")
+@click.option("--broker", "broker_url", default=None,
+              help="Use this broker (a URL without a password) and real Redis with workers "
+                   "started by 'celery -A tasks worker' (default: FULFILMENT_BROKER_URL or "
+                   "FULFILMENT_BROKER_URL_FILE if set, else everything in this process).")
 @click.option("--concurrency", default=4, show_default=True,
               help="Embedded worker threads.")
 @click.option("--timeout", default=300.0, show_default=True,
@@ -61,13 +63,16 @@ def demo(count: int, broker_url: str | None, concurrency: int, timeout: float,
     from tasks.embedded import environment
     from tasks.producer import producer
 
+    refuse_password_on_command_line(broker_url)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         # Expected failures are in the summary; keep warnings from tearing the progress bar.
         logging.getLogger("fulfilment").setLevel(logging.ERROR)
 
-    with environment(load_settings(), broker_url=broker_url or None,
-                     concurrency=concurrency) as env:
-        where = "embedded (in-memory broker, threads)" if env.embedded else broker_url
+    settings = load_settings()
+    broker_url = broker_url or settings.broker_url or None
+    with environment(settings, broker_url=broker_url, concurrency=concurrency) as env:
+        where = ("embedded (in-memory broker, threads)" if env.embedded
+                 else mask_url(broker_url or ""))
         click.echo(f"sandbox {env.sandbox_url}; broker {where}")
         intents = demo_intents(count)
         box_office = sell_out_recital_front_row(env.services.client,
@@ -81,6 +86,15 @@ def demo(count: int, broker_url: str | None, concurrency: int, timeout: float,
     _report(outcomes, submitted[ACCEPTED], elapsed, quiet)
     if len(outcomes) < submitted[ACCEPTED]:
         raise SystemExit(1)
+
+
+def refuse_password_on_command_line(broker_url: str | None) -> None:
+    """A command line is readable by every user of the machine (``ps``): a broker URL
+    with a password is refused there, and taken from the environment or a file."""
+    if broker_url and urlsplit(broker_url).password:
+        raise click.ClickException(  # one line: no usage text around it
+            "--broker: this URL carries a password, and a command line is visible to every "
+            "user (ps): set FULFILMENT_BROKER_URL or FULFILMENT_BROKER_URL_FILE instead")
 
 
 def _collect(connection: Connection, settings: Settings, expected: int,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 from unittest import mock
 
 import pytest
 
 from fulfilment.config import Settings
 from fulfilment.keys import Keys
+from fulfilment.redis_transport import TRANSPORT
 from fulfilment.topology import Topology
-from fulfilment.wiring import transport_options
+from fulfilment.wiring import broker_connection, transport_options
 from tasks.app import FulfilmentCelery, celery_config
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672/shop-a"
@@ -63,3 +65,21 @@ def test_a_countdown_on_rabbitmq_is_whole_seconds_never_sooner(broker: str, aske
     with mock.patch("celery.Celery.send_task") as send_task:  # what the subclass calls
         app.send_task("fulfilment.basket", ["shop-1"], countdown=asked)
     assert send_task.call_args.kwargs["countdown"] == sent
+
+
+@pytest.mark.parametrize(("url", "ours", "tls"), [
+    (REDIS, True, False),
+    ("rediss://default:pw@cache.example:6380/0", True, True),
+    (AMQP, False, False),
+])
+def test_a_redis_broker_gets_our_transport_and_rediss_gets_verified_tls(
+        url: str, ours: bool, tls: bool) -> None:
+    """Naming our transport hides the scheme from kombu, which then no longer turns TLS
+    on by itself: rediss:// must ask for it (verified), or it would speak plain TCP."""
+    config = celery_config(settings(url))
+    connection = broker_connection(settings(url))  # lazy: nothing is connected
+    assert (config["broker_transport"] == TRANSPORT) is ours
+    assert (connection.transport_cls == TRANSPORT) is ours
+    wanted = {"ssl_cert_reqs": ssl.CERT_REQUIRED} if tls else False
+    assert config["broker_use_ssl"] == wanted
+    assert connection.ssl == wanted

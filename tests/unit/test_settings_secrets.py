@@ -132,3 +132,47 @@ def test_the_sandbox_takes_its_key_from_the_environment_or_a_file(tmp_path: Path
     assert env_value("ONEBOX_API_KEY", {"ONEBOX_API_KEY_FILE": str(key_file)}) == PASSWORD
     assert env_value("ONEBOX_API_KEY", {}) == "sandbox-api-key"
     assert "--api-key" not in CliRunner().invoke(main_cli, ["sandbox", "--help"]).output
+
+
+@pytest.mark.parametrize("url", [f"redis://:{PASSWORD}@127.0.0.1:1/0",
+                                 f"amqp://guest:{PASSWORD}@127.0.0.1:1/vhost"])
+def test_the_demo_refuses_a_broker_password_on_its_command_line(url: str) -> None:
+    """Refused before anything starts, in one line naming where the URL belongs."""
+    result = CliRunner().invoke(main_cli, ["demo", "--broker", url])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: --broker: this URL carries a password, and a command line is visible to "
+        "every user (ps): set FULFILMENT_BROKER_URL or FULFILMENT_BROKER_URL_FILE instead"]
+    assert PASSWORD not in result.output
+
+
+class _Stop(Exception):
+    """Raised in place of the demo's world: the broker it was asked for is all we check."""
+
+
+@pytest.mark.parametrize(("argv", "variable"), [
+    (["--broker", "redis://127.0.0.1:1/0"], None),          # no password: allowed
+    ([], "FULFILMENT_BROKER_URL"),
+    ([], "FULFILMENT_BROKER_URL_FILE"),
+])
+def test_the_demo_takes_its_broker_from_the_option_the_environment_or_a_file(
+        argv: list[str], variable: str | None, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FULFILMENT_BROKER_URL", "FULFILMENT_BROKER_URL_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    url = f"redis://:{PASSWORD}@127.0.0.1:1/0" if variable else argv[1]
+    if variable == "FULFILMENT_BROKER_URL_FILE":
+        (tmp_path / "broker").write_text(url + "\n")
+        monkeypatch.setenv(variable, str(tmp_path / "broker"))
+    elif variable:
+        monkeypatch.setenv(variable, url)
+    asked: list[str | None] = []
+
+    def environment(settings: Settings, *, broker_url: str | None, concurrency: int) -> None:
+        asked.append(broker_url)
+        raise _Stop
+
+    monkeypatch.setattr("tasks.embedded.environment", environment)
+    result = CliRunner().invoke(main_cli, ["demo", *argv])
+    assert isinstance(result.exception, _Stop), result.output
+    assert asked == [url]
