@@ -11,7 +11,7 @@ a process of its own. Measured in one run, so the ratios hold on a noisy machine
   making one POST to the sandbox with plain ``requests`` (bench/probe_tasks.py).
 - bare chain of 6 (lean POST): the same with the session reading the
   environment once, as the product's does: the stricter reference.
-- product: intents through submit_many -> the 3-task purchase chain -> results.
+- product: intents through submit_many -> the 2-task purchase chain -> results.
 
 CPU per order: the script's own for the plain script, the workers' (main and
 pool processes, from /proc) for the rest. Same pool, concurrency and number of
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import uuid
@@ -92,7 +93,8 @@ def bare_chains(workers: list[Child], task: str, length: int, count: int) -> dic
 def product(cluster: Cluster, workers: list[Child], orders: int) -> dict[str, float]:
     from tasks import submit_many
 
-    documents = [{"reference": f"bench-{i}", "buyer": {"email": "bench@example.com"},
+    tag = uuid.uuid4().hex[:6]
+    documents = [{"reference": f"bench-{tag}-{i}", "buyer": {"email": "bench@example.com"},
                   "items": [{"session_id": 1002, "price_type_id": 3, "quantity": 1}]}
                  for i in range(orders)]
     before, started = _worker_cpu(workers), time.perf_counter()
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--pool", default="prefork", choices=["prefork", "threads"])
     parser.add_argument("-c", "--concurrency", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Celery rows run this many times, interleaved; medians shown")
     args = parser.parse_args()
     tmp = Path(f"/tmp/bench-chain-{uuid.uuid4().hex[:6]}")
     tmp.mkdir(parents=True)
@@ -136,10 +140,20 @@ def main() -> None:
             workers.append(worker)
         wait_for(lambda: all("ready." in w.output() for w in workers), timeout=60,
                  what="the workers")
-        rows["bare chain of 6 tasks (no-op)"] = bare_chains(workers, "noop", 6, args.orders)
-        rows["bare chain of 6 tasks (POST)"] = bare_chains(workers, "post", 6, args.orders)
-        rows["bare chain of 6 (lean POST)"] = bare_chains(workers, "post_lean", 6, args.orders)
-        rows["product (3-task purchase chain)"] = product(cluster, workers, args.orders)
+        rounds: dict[str, list[dict[str, float]]] = {}
+        for _ in range(args.rounds):  # interleaved, so a noisy minute blurs every row alike
+            for name, measured in (
+                    ("bare chain of 6 tasks (no-op)", lambda: bare_chains(workers, "noop", 6,
+                                                                           args.orders)),
+                    ("bare chain of 6 tasks (POST)", lambda: bare_chains(workers, "post", 6,
+                                                                          args.orders)),
+                    ("bare chain of 6 (lean POST)", lambda: bare_chains(workers, "post_lean", 6,
+                                                                         args.orders)),
+                    ("product (2-task purchase chain)", lambda: product(cluster, workers,
+                                                                         args.orders))):
+                rounds.setdefault(name, []).append(measured())
+        for name, runs in rounds.items():
+            rows[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     finally:
         cluster.stop()
         client = redis_client(settings)
@@ -148,7 +162,7 @@ def main() -> None:
     ideal = rows["plain script (ideal)"]["orders_per_s"]
     bare = rows["bare chain of 6 tasks (POST)"]["cpu_ms_per_order"]
     print(f"\n{args.workers} worker process(es), {args.pool} -c {args.concurrency}, "
-          f"{args.orders} orders, zero added latency")
+          f"{args.orders} orders a row, medians of {args.rounds} rounds, zero added latency")
     print(f"{'':34} {'orders/s':>10} {'vs script':>10} {'CPU ms/order':>13} {'vs bare POST':>13}")
     for name, row in rows.items():
         print(f"{name:34} {row['orders_per_s']:10.1f} {row['orders_per_s'] / ideal:10.2f} "
@@ -158,7 +172,8 @@ def main() -> None:
     out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
                                    "orders": args.orders, "pool": args.pool,
                                    "concurrency": args.concurrency,
-                                   "worker_processes": args.workers, "rows": rows},
+                                   "worker_processes": args.workers, "rounds": args.rounds,
+                                   "rows": rows},
                                   indent=2) + "\n")
     print(f"\nwritten to {out.relative_to(ROOT)}")
 

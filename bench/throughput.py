@@ -85,15 +85,15 @@ ROWS = {
 def start_workers(cluster: Cluster, shape: Shape, tmp: Path) -> list[Child]:
     keys = cluster.keys
     env = {**env_for(cluster.settings), "PYTHONPATH": str(ROOT)}
-    workers = [Child([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "WARNING",
+    workers = [Child([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
                       "-P", shape.pool, "-c", str(shape.concurrency), "-n", f"t{n}@%h",
                       "-Q", f"{keys.continue_queue},{keys.task_queue}",
                       "--without-gossip", "--without-mingle", "--without-heartbeat"],
                      tmp / f"worker-{shape.pool}-{shape.concurrency}-{n}.log", env)
                for n in range(shape.processes)]
     cluster.workers.extend(workers)
-    wait_for(lambda: all("ready" in w.output() or "celery@" in w.output() for w in workers),
-             timeout=120, what="the workers")
+    wait_for(lambda: all(" ready." in w.output() for w in workers), timeout=120,
+             what="the workers")
     return workers
 
 

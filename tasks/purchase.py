@@ -1,10 +1,11 @@
-"""The purchase as a Celery chain of thin tasks.
+"""The purchase as a Celery chain of thin tasks: basket -> confirm.
 
-basket -> pre_confirm -> confirm. The basket steps (create, seats per item,
-buyer data) share one task, and ``confirm`` publishes the outcome it recorded:
-a broker hop costs about 2.5 ms of worker CPU and buys nothing there, because
-the ledger records progress after every call, so a retry resumes at the item it
-stopped on (or at publishing). Each task decodes its argument, asks
+``basket`` (on the intake queue) creates the order, adds the seats of every
+item and attaches the buyer; ``confirm`` (on the continue queue, so purchases
+under way are not held behind a backlog of new ones) pre-confirms, confirms and
+publishes the outcome. A broker hop costs about 2.5 ms of worker CPU and buys
+nothing between those steps: the ledger records progress after every call, so
+a retry resumes at the call it stopped on. Each task decodes its argument, asks
 ``fulfilment.flow.advance`` to bring the intent up to its stage, and either
 passes the reference on or schedules its own retry.
 """
@@ -88,15 +89,15 @@ def summary(outcome: OrderResult) -> str:
 
 
 basket = _stage_task("fulfilment.basket", Stage.BASKET)
-pre_confirm = _stage_task("fulfilment.pre_confirm", Stage.PRE_CONFIRMED)
 confirm = _stage_task("fulfilment.confirm", Stage.PUBLISHED)
-#: No longer in the chain (``confirm`` publishes the outcome it recorded); kept so
-#: that chains an earlier version queued still finish.
+#: No longer in the chain (``confirm`` pre-confirms, and publishes the outcome it
+#: recorded); kept so that chains an earlier version queued still finish.
+pre_confirm = _stage_task("fulfilment.pre_confirm", Stage.PRE_CONFIRMED)
 publish = _stage_task("fulfilment.publish", Stage.PUBLISHED)
 
 
 def purchase_chain(reference: str) -> Signature[Any]:
-    return chain(basket.si(reference), pre_confirm.s(), confirm.s())
+    return chain(basket.si(reference), confirm.s())
 
 
 def dispatch(reference: str) -> None:
