@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16, help="Per worker (prefork).")
     parser.add_argument("--reference-seconds", type=float, default=20.0)
+    parser.add_argument("--latency-ms", type=int, default=LATENCY_MS,
+                        help="Added by the sandbox to every call.")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-bulk-"))
     server = RedisServer(tmp / "redis", free_port(), appendfsync="always")
@@ -106,7 +108,7 @@ def main() -> None:
               if not k.startswith(("ONEBOX_", "FULFILMENT_"))},
            **env_for(settings), "PYTHONPATH": str(ROOT)}
     try:
-        sandbox.admin.set_faults({"endpoints": {"*": {"latency_ms": LATENCY_MS}}})
+        sandbox.admin.set_faults({"endpoints": {"*": {"latency_ms": args.latency_ms}}})
         reference = plain_threads(settings, slots, args.reference_seconds)
         source = tmp / "intents.jsonl"
         with source.open("w") as out:
@@ -146,9 +148,9 @@ def main() -> None:
         cluster.stop()
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    ideal = slots * 1000 / (CALLS_PER_ORDER * LATENCY_MS)
+    ideal = slots * 1000 / (CALLS_PER_ORDER * max(args.latency_ms, 1))
     table: list[tuple[str, float, str]] = [
-        (f"ideal: {slots} slots / ({CALLS_PER_ORDER} calls x {LATENCY_MS} ms)", ideal, ""),
+        (f"ideal: {slots} slots / ({CALLS_PER_ORDER} calls x {args.latency_ms} ms)", ideal, ""),
         (f"plain script, {slots} threads, no Celery (reference)", reference["orders_per_s"],
          f"{reference['orders']} orders in {reference['wall_s']:.0f} s"),
         (f"submit --wait, {args.workers} x prefork -c {args.concurrency}",
@@ -162,12 +164,13 @@ def main() -> None:
     for name, value, note in table:
         print(f"{name:52} {value:9.1f} {value / ideal:9.2f} "
               f"{value / reference['orders_per_s']:9.2f}  {note}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": platform.platform(), "cpus": os.cpu_count(), "latency_ms": LATENCY_MS,
+    written = RESULTS if args.intents <= 10_000 else RESULTS.with_name(f"bulk-{args.intents}.json")
+    written.parent.mkdir(exist_ok=True)
+    written.write_text(json.dumps({
+        "machine": platform.platform(), "cpus": os.cpu_count(), "latency_ms": args.latency_ms,
         "workers": args.workers, "concurrency": args.concurrency, "ideal_orders_per_s": ideal,
         "plain_threads": reference, "product": product}, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+    print(f"\nwritten to {written.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

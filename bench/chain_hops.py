@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ from celery import chain  # noqa: E402
 
 from fulfilment.config import Settings  # noqa: E402
 from fulfilment.harness.cluster import Cluster, env_for  # noqa: E402
+from fulfilment.harness.intents import auto_seat_intents  # noqa: E402
 from fulfilment.harness.processes import (  # noqa: E402
     Child,
     SandboxProcess,
@@ -94,9 +96,7 @@ def product(cluster: Cluster, workers: list[Child], orders: int) -> dict[str, fl
     from tasks import submit_many
 
     tag = uuid.uuid4().hex[:6]
-    documents = [{"reference": f"bench-{tag}-{i}", "buyer": {"email": "bench@example.com"},
-                  "items": [{"session_id": 1002, "price_type_id": 3, "quantity": 1}]}
-                 for i in range(orders)]
+    documents = auto_seat_intents(f"bench-{tag}", orders)
     before, started = _worker_cpu(workers), time.perf_counter()
     accepted = sum(1 for s in submit_many(documents) if s.status == "accepted")
     cluster.collect({d["reference"] for d in documents}, timeout=600)
@@ -142,15 +142,16 @@ def main() -> None:
                  what="the workers")
         rounds: dict[str, list[dict[str, float]]] = {}
         for _ in range(args.rounds):  # interleaved, so a noisy minute blurs every row alike
-            for name, measured in (
-                    ("bare chain of 6 tasks (no-op)", lambda: bare_chains(workers, "noop", 6,
-                                                                           args.orders)),
-                    ("bare chain of 6 tasks (POST)", lambda: bare_chains(workers, "post", 6,
-                                                                          args.orders)),
-                    ("bare chain of 6 (lean POST)", lambda: bare_chains(workers, "post_lean", 6,
-                                                                         args.orders)),
-                    ("product (2-task purchase chain)", lambda: product(cluster, workers,
-                                                                         args.orders))):
+            measures: list[tuple[str, Callable[[], dict[str, float]]]] = [
+                ("bare chain of 6 tasks (no-op)",
+                 lambda: bare_chains(workers, "noop", 6, args.orders)),
+                ("bare chain of 6 tasks (POST)",
+                 lambda: bare_chains(workers, "post", 6, args.orders)),
+                ("bare chain of 6 (lean POST)",
+                 lambda: bare_chains(workers, "post_lean", 6, args.orders)),
+                ("product (2-task purchase chain)",
+                 lambda: product(cluster, workers, args.orders))]
+            for name, measured in measures:
                 rounds.setdefault(name, []).append(measured())
         for name, runs in rounds.items():
             rows[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}

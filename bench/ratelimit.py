@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from fulfilment.config import Settings  # noqa: E402
 from fulfilment.harness.cluster import Cluster  # noqa: E402
+from fulfilment.harness.intents import auto_seat_intents  # noqa: E402
 from fulfilment.harness.processes import SandboxProcess  # noqa: E402
 from fulfilment.wiring import redis_client  # noqa: E402
 from tasks.app import configure  # noqa: E402
@@ -60,9 +61,7 @@ def run(name: str, limit: float, ours: bool, orders: int, tmp: Path) -> dict[str
     try:
         for _ in range(WORKERS):
             cluster.start_worker(concurrency=CONCURRENCY)
-        documents = [{"reference": f"{name}-{i}", "buyer": {"email": "bench@example.com"},
-                      "items": [{"session_id": 1002, "price_type_id": 3, "quantity": 1}]}
-                     for i in range(orders)]
+        documents = auto_seat_intents(name, orders)
         started = time.perf_counter()
         accepted = sum(1 for s in submit_many(documents) if s.status == "accepted")
         assert accepted == orders

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bulk import CALLS_PER_ORDER, LATENCY_MS, plain_threads  # noqa: E402
 from fulfilment.config import Settings  # noqa: E402
 from fulfilment.harness.cluster import Cluster, env_for  # noqa: E402
+from fulfilment.harness.intents import auto_seat_intents  # noqa: E402
 from fulfilment.harness.processes import (  # noqa: E402
     Child,
     RedisServer,
@@ -114,9 +115,7 @@ def measure(cluster: Cluster, server: RedisServer, shape: Shape, seconds: float,
     # bounded by what two cores can buy in about twice that.
     count = int(min(shape.ideal, 60.0) * seconds)
     tag = uuid.uuid4().hex[:6]
-    documents = [{"reference": f"tp-{tag}-{i}", "buyer": {"email": "bench@example.com"},
-                  "items": [{"session_id": 1002, "price_type_id": 3, "quantity": 1}]}
-                 for i in range(count)]
+    documents = auto_seat_intents(f"tp-{tag}", count)
     commands_before, redis_cpu_before = redis_load(server)
     cpu_before, started = sum(cpu_seconds(w.pid) for w in workers), time.perf_counter()
     accepted = sum(1 for s in submit_many(documents) if s.status == "accepted")

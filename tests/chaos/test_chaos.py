@@ -239,6 +239,11 @@ def settle(cluster: Cluster, unsettled: list[str], before: Callable[[], object])
                                       if o.status != "unsettled"]
 
 
+def reached(cluster: Cluster, target: int) -> Callable[[], bool]:
+    """A ``wait_for`` condition: at least ``target`` intents have an outcome."""
+    return lambda: progress(cluster) >= target
+
+
 def progress(cluster: Cluster) -> int:
     """How many intents have an outcome in the ledger so far (0 while Redis is away)."""
     client = redis_client(cluster.settings)
@@ -259,8 +264,7 @@ def test_worker_processes_killed_with_sigkill(chaos: Cluster) -> None:
     rng = random.Random(1)
     for round_ in range(6):
         target = len(documents) * (round_ + 1) // 8
-        wait_for(lambda t=target: progress(chaos) >= t, timeout=120,
-                 what=f"{target} outcomes")
+        wait_for(reached(chaos, target), timeout=120, what=f"{target} outcomes")
         workers = [w for w in chaos.workers if w.log_path.name.startswith("worker")]
         victim = workers[rng.randrange(len(workers))]
         if round_ % 2 == 0:
@@ -280,7 +284,7 @@ def test_redis_restarted_mid_run(chaos: Cluster) -> None:
     server: RedisServer = chaos.redis_server  # type: ignore[attr-defined]
     for fraction in (3, 2):
         target = len(documents) // fraction
-        wait_for(lambda t=target: progress(chaos) >= t, timeout=120, what=f"{target} outcomes")
+        wait_for(reached(chaos, target), timeout=120, what=f"{target} outcomes")
         server.restart()
     counts = verify(chaos, "Redis restarted x2 (append-only file)", documents, len(documents))
     # Workers ride out a Redis restart: none died and had to be started again
@@ -295,7 +299,7 @@ def test_host_crashes_lose_nothing_that_was_recorded(chaos: Cluster) -> None:
     # of the append-only file that no fsync covered is lost
     for fraction in (8, 3, 1.5):
         target = int(len(documents) / fraction)
-        wait_for(lambda t=target: progress(chaos) >= t, timeout=180, what=f"{target} outcomes")
+        wait_for(reached(chaos, target), timeout=180, what=f"{target} outcomes")
         server.crash()
     # Then no accepted intent is lost, none bought twice, no confirmed order reported failed
     counts = verify(chaos, "host crash x3 (unsynced writes lost, appendfsync always)",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fulfilment.harness.cluster import Cluster
-from fulfilment.harness.processes import wait_for
+from fulfilment.harness.processes import Child, wait_for
 from tests import services
 from tests.deployment import deployment
 
@@ -55,8 +55,10 @@ def test_inspect_ping_sees_only_its_own_deployments_workers(
     # Given a worker in each deployment, both on the same vhost, both ready
     workers = [a.start_worker(concurrency=1), b.start_worker(concurrency=1)]
     for worker in workers:
-        wait_for(lambda w=worker: " ready." in w.output(), timeout=60,
-                 what=f"{worker.log_path} to be ready")
+        def ready(w: Child = worker) -> bool:
+            return " ready." in w.output()
+
+        wait_for(ready, timeout=60, what=f"{worker.log_path} to be ready")
     # When each deployment's operator runs `celery inspect ping`
     seen_by_a = a.inspect_ping(timeout=1.5)
     seen_by_b = b.inspect_ping(timeout=1.5)

@@ -86,6 +86,7 @@ def test_a_10000_line_file_with_bad_lines_gets_every_valid_intent_an_outcome(
         return status if status.get("admitted") == 10_000 - len(bad) else None
     status = wait_for(seen, timeout=120, what="the batch's status from another process",
                       interval=0.5)
+    assert status is not None  # wait_for returns only a truthy value
     assert status["in_progress"] + status["confirmed"] + status["failed"] == 10_000 - len(bad)
     assert submit.process.wait(timeout=1100) == 1, submit.output()[-3000:]  # 1: lines refused
     submit.stop()

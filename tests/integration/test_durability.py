@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,11 @@ def worker(settings: Settings, log: Path) -> Child:
 
 
 @pytest.fixture
-def durable(tmp_path: Path) -> RedisServer:
+def durable(tmp_path: Path) -> Iterator[RedisServer]:
     require("redis-server", subprocess.run(["which", "redis-server"], capture_output=True,
                                            check=False).returncode == 0)
     server = RedisServer(tmp_path / "redis", free_port(), appendfsync="always")
-    yield server  # type: ignore[misc]
+    yield server
     server.stop()
 
 

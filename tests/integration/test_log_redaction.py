@@ -29,6 +29,7 @@ import redis
 from fulfilment.harness.cluster import Cluster, env_for
 from fulfilment.harness.processes import Child, wait_for, worker_args
 from fulfilment.onebox import build_client
+from fulfilment.redis_text import text as redis_text
 from schemas.intent import Buyer, SeatRef
 from tests.deployment import deployment
 
@@ -121,9 +122,11 @@ def cached_token(redis_client: redis.Redis, prefix: str) -> str:
                 continue
             value = redis_client.hget(key, "access_token")
             if value:
-                return str(value.decode())
+                return redis_text(value)
         return None
-    return wait_for(read, timeout=20, what="the shared Onebox token")
+    token = wait_for(read, timeout=20, what="the shared Onebox token")
+    assert token is not None  # wait_for returns only a truthy value
+    return token
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

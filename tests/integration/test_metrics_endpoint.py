@@ -58,7 +58,8 @@ def per_process(directory: Path, tmp_path: Path, name: str) -> dict[str, float]:
         alone = Path(tempfile.mkdtemp(dir=tmp_path))
         shutil.copy(path, alone)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(alone))
+        # prometheus_client leaves this constructor unannotated.
+        MultiProcessCollector(registry, path=str(alone))  # type: ignore[no-untyped-call]
         for family in registry.collect():
             for sample in family.samples:
                 if sample.name == name:
@@ -104,6 +105,7 @@ def test_a_prefork_worker_serves_counts_that_add_up_across_its_pool_processes(
         return samples if done else None
 
     samples = wait_for(settled, timeout=30, what="every publish counted, nothing open")
+    assert samples is not None  # wait_for returns only a truthy value
     assert total(samples, "fulfilment_intents_total", status="confirmed") == 7
     assert total(samples, "fulfilment_intents_total", status="failed",
                  code="ORDER_SEAT_NOT_AVAILABLE") == 1

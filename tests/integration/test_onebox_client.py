@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -128,7 +128,7 @@ def test_server_errors_give_their_documented_kind(
     order = client.create_order()
     client.add_seats(order.id, [SeatRef(id=41, session_id=1001)])
     client.set_buyer(order.id, BUYER)
-    steps = {
+    steps: dict[str, Callable[[], object]] = {
         "create": client.create_order,
         "seats": lambda: client.add_seats(order.id, [SeatRef(id=42, session_id=1001)]),
         "buyer_data": lambda: client.set_buyer(order.id, BUYER),
@@ -174,7 +174,7 @@ def test_lost_basket_responses_are_outcome_unknown(client: OneboxClient, sandbox
         client.add_seats(order.id, [SeatRef(id=61, session_id=1001)])
     if endpoint == "pre_confirm":
         client.set_buyer(order.id, BUYER)
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "create": client.create_order,
         "seats": lambda: client.add_seats(order.id, [SeatRef(id=61, session_id=1001)]),
         "buyer_data": lambda: client.set_buyer(order.id, BUYER),
@@ -335,7 +335,7 @@ def test_refused_credentials_are_transient_within_the_deadline(
 def test_a_second_401_is_transient(settings: Settings, redis_client: redis.Redis) -> None:
     # A token refused, renewed, and refused again: auth trouble, not a failed purchase
     class Refusing(requests.Session):
-        def request(self, method: str | bytes, url: str | bytes,  # type: ignore[override]
+        def request(self, method: str | bytes, url: str | bytes,
                     *args: Any, **kwargs: Any) -> requests.Response:
             response = requests.Response()
             response.status_code = 401

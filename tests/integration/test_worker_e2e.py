@@ -252,8 +252,8 @@ def test_a_bad_task_message_goes_to_the_failures_queue_and_the_worker_goes_on(
 
     cluster.start_worker()
     # Given task messages no producer of ours would send
-    basket.apply_async(args=[{"not": "a reference"}])
-    basket.apply_async(args=["never-admitted"])
+    basket.apply_async(args=({"not": "a reference"},))
+    basket.apply_async(args=("never-admitted",))
     # When a good intent follows them
     references = submit_all([intent("after-bad-1", [auto(1)])])
     # Then each bad one is on the failures queue with its reason, and the good one is bought

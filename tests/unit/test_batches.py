@@ -13,6 +13,7 @@ from fulfilment.batches import batch_outcomes, batch_status, describe
 from fulfilment.keys import Keys
 from fulfilment.ledger import Admission, Ledger
 from fulfilment.producer import ACCEPTED, DUPLICATE, REFUSED, Producer
+from fulfilment.redis_text import text
 from schemas.intent import load_intent
 from schemas.result import OrderResult, ResultError, result_id_for
 
@@ -164,7 +165,7 @@ def test_an_intent_without_a_batch_touches_no_batch_key(ledger: Ledger) -> None:
     ledger.admit(load_intent(intent("solo")))
     ledger.finish("solo", outcome("solo", "confirmed", batch=None))
     ledger.mark_published("solo")
-    assert sorted(k.decode() for k in ledger.redis.keys("*")) == [KEYS.ledger("solo")]
+    assert sorted(text(k) for k in ledger.redis.keys("*")) == [KEYS.ledger("solo")]
 
 
 def test_an_entry_admitted_before_batches_were_counted_counts_nothing(ledger: Ledger) -> None:

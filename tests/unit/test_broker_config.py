@@ -61,7 +61,7 @@ def test_on_redis_the_topology_and_options_are_as_before() -> None:
 def test_a_countdown_on_rabbitmq_is_whole_seconds_never_sooner(broker: str, asked: float,
                                                                 sent: float) -> None:
     app = FulfilmentCelery("t", set_as_current=False)
-    app.conf.broker_url = broker
+    app.conf.update(broker_url=broker)
     with mock.patch("celery.Celery.send_task") as send_task:  # what the subclass calls
         app.send_task("fulfilment.basket", ["shop-1"], countdown=asked)
     assert send_task.call_args.kwargs["countdown"] == sent

@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from fulfilment.bulk import BulkFileError, CsvReader, JsonlReader, default_batch, format_of
+from fulfilment.bulk import (
+    BulkFileError,
+    CsvReader,
+    JsonlReader,
+    Record,
+    default_batch,
+    format_of,
+)
 from fulfilment.errors import InvalidMessageError
 from fulfilment.producer import parse_intent
 from fulfilment.progress import Progress
 from schemas.intent import dump_intent
 
 
-def csv_records(text: str) -> list:  # type: ignore[type-arg]
+def csv_records(text: str) -> list[Record]:
     return list(CsvReader(io.BytesIO(text.encode())))
 
 
@@ -39,7 +46,9 @@ def test_csv_rows_map_to_intents_and_consecutive_rows_of_a_reference_are_its_ite
     )
     records = csv_records(text)
     assert [(r.line, r.reference) for r in records] == [(2, "shop-1"), (4, "shop-2")]
-    first = dump_intent(parse_intent(records[0].raw, max_quantity=50))  # type: ignore[arg-type]
+    raw = records[0].raw
+    assert raw is not None
+    first = dump_intent(parse_intent(raw, max_quantity=50))
     assert first == {
         "reference": "shop-1", "batch": "b1", "delivery_method": "EMAIL",
         "buyer": {"email": "ana@example.com", "name": "Ana", "phone": "+34 600 000 000",
@@ -65,8 +74,10 @@ def test_csv_rows_that_cannot_be_intents_are_refused_with_field_and_reason() -> 
     assert records[0].raw is None
     assert records[0].errors == {"items": {0: {"seats": [
         "Each seat must be session_id:seat_id, e.g. 1001:103."]}}}
+    bad_qty = records[1].raw
+    assert bad_qty is not None
     with pytest.raises(InvalidMessageError) as caught:
-        parse_intent(records[1].raw, max_quantity=50)  # type: ignore[arg-type]
+        parse_intent(bad_qty, max_quantity=50)
     assert "quantity" in json.dumps(caught.value.errors)
     assert records[2].raw is None and "buyer_email" in records[2].errors
     assert "b@example.com" not in json.dumps(records[2].errors)  # never the value itself

@@ -415,11 +415,12 @@ def test_a_late_confirm_caught_by_the_fence_is_reported_confirmed(world: World) 
     world.clock[0] += 10_000
     world.onebox.failures["confirm"] = [TransientError("busy", step="confirm")]
     # The first confirm lands at Onebox just before the fence
-    order_id = next(iter(world.onebox.orders))
+    landed_id = next(iter(world.onebox.orders))
     real_release = world.onebox.release_seats
 
-    def late_confirm_then_release(oid: str, item_ids: Sequence[int]) -> Order:
-        world.onebox.orders[order_id] = replace(world.onebox.orders[order_id], status="CONFIRM")
+    def late_confirm_then_release(order_id: str, item_ids: Sequence[int]) -> Order:
+        world.onebox.orders[landed_id] = replace(world.onebox.orders[landed_id],
+                                                 status="CONFIRM")
         raise PermanentError("order is confirmed", code="DIST0004")
 
     world.onebox.release_seats = late_confirm_then_release  # type: ignore[method-assign]
@@ -654,7 +655,7 @@ def test_the_sweep_takes_its_lock_and_keeps_what_it_could_not_read(world: World)
     # A passing Redis error while reading the entry drops nothing
     real_get = ledger.get
 
-    def timing_out(ref: str) -> Any:
+    def timing_out(reference: str) -> Any:
         raise redis.TimeoutError("slow")
 
     ledger.get = timing_out  # type: ignore[method-assign]

@@ -11,9 +11,12 @@ import pytest
 
 from fulfilment import logcontext
 from fulfilment.logcontext import ContextFilter, JsonFormatter, bound, formatter, text_formatter
-from tasks.logsignals import DRAIN_TASK, LOG_RECEIVED, LOG_SUCCESS, TaskContextFilter
+from tasks.logsignals import DRAIN_TASK, TaskContextFilter
 
-#: Celery's retry line (celery.app.trace.LOG_RETRY).
+#: Celery's received, success and retry lines (celery.app.trace's LOG_RECEIVED,
+#: LOG_SUCCESS and LOG_RETRY), spelt out as tests do not import Celery.
+LOG_RECEIVED = "Task %(name)s[%(id)s] received"
+LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s"
 LOG_RETRY = "Task %(name)s[%(id)s] retry: %(exc)s"
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
+from typing import Any
 
 import fakeredis
 import pytest
@@ -181,12 +182,18 @@ def test_a_few_failures_among_many_successes_do_not_open_it() -> None:
     assert 40 - BREAKER_CACHE / 0.1 <= state.calls <= 40
 
 
-def test_without_a_rate_limit_a_closed_breaker_is_asked_once_per_breaker_cache() -> None:
+def test_without_a_rate_limit_a_closed_breaker_is_asked_once_per_breaker_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     fleet = breaker_fleet()
     guard, other = fleet.guard(), fleet.guard()
-    asks = []
+    asks: list[dict[str, Any]] = []
     admit = guard._admit
-    guard._admit = lambda **kw: asks.append(kw) or admit(**kw)  # type: ignore[method-assign]
+
+    def recorded_admit(**kw: Any) -> Any:
+        asks.append(kw)
+        return admit(**kw)
+
+    monkeypatch.setattr(guard, "_admit", recorded_admit)
     for _ in range(10):
         guard.send("create", fleet.answer(200))
         fleet.now += BREAKER_CACHE / 4
