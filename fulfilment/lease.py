@@ -5,13 +5,19 @@ lease is short (``FULFILMENT_LEASE_TTL``, 15 s by default) and a heartbeat
 thread renews it while its holder works, so a worker killed while holding it
 delays the intent by seconds, not by a task time limit. A holder that stalls
 past the lease (a frozen process) loses it: the ledger refuses its writes
-(``Ledger.fenced``), so it cannot act on what another worker now owns.
+(``Ledger.fenced``), so it cannot act on what another worker now owns. So does
+one whose work runs past ``max_hold`` (the task's hard time limit): the
+heartbeat stops renewing then, so a thread hung where no time limit can reach
+it (the threads pool enforces none) lets its intent go, as a killed process
+would.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 import uuid
 from types import TracebackType
 
@@ -36,10 +42,12 @@ return 0
 
 
 class Leases:
-    def __init__(self, client: redis.Redis, keys: Keys, ttl: float) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, ttl: float,
+                 max_hold: float = math.inf) -> None:
         self._redis = client
         self._keys = keys
         self.ttl = ttl
+        self.max_hold = max_hold
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
 
@@ -94,7 +102,12 @@ class Lease:
 
     def _beat(self) -> None:
         # Three renewals per lifetime: one late or failed renewal does not lose it.
+        until = time.monotonic() + self.owner.max_hold
         while not self._stop.wait(self.owner.ttl / 3):
+            if time.monotonic() > until:
+                log.warning("lease %s held past %.0fs: no longer renewed; its writes will be "
+                            "refused once it lapses", self.key, self.owner.max_hold)
+                return
             try:
                 if not self.renew():
                     log.warning("lease %s lost; its writes will be refused", self.key)

@@ -84,6 +84,7 @@ def build_services(settings: Settings, client: redis.Redis | None = None,
         ledger=build_ledger(settings, client),
         publisher=ResultPublisher(connection or broker_connection(settings),
                                   Topology.for_keys(keys, settings.effective_broker_url)),
-        leases=Leases(client, keys, settings.lease_ttl),
+        leases=Leases(client, keys, settings.lease_ttl,
+                      max_hold=settings.task_time_limit),
         policy=RetryPolicy.from_settings(settings),
     )

@@ -77,3 +77,12 @@ def test_a_lease_is_renewed_while_held_and_lapses_when_its_holder_dies() -> None
     assert leases.take("shop-1") is not None  # released on exit
     # A holder that dies (no heartbeat, no release) frees it within its time to live
     wait_for(lambda: leases.take("shop-1"), timeout=10, what="the dead holder's lease to lapse")
+
+
+def test_a_lease_held_past_its_longest_hold_is_no_longer_renewed() -> None:
+    # A hung task thread (no time limit reaches it under the threads pool) keeps its
+    # heartbeat alive: past max_hold, the heartbeat lets the lease lapse all the same.
+    leases = Leases(fakeredis.FakeRedis(), Keys("t"), ttl=0.3, max_hold=0.5)
+    with leases.take("shop-1") as held:  # type: ignore[union-attr]
+        wait_for(lambda: leases.take("shop-1"), timeout=10, what="the lease to lapse")
+        assert held.renewals <= 0.5 / (0.3 / 3) + 1
