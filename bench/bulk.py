@@ -91,7 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--intents", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=16, help="Per worker (prefork).")
+    parser.add_argument("--concurrency", type=int, default=16, help="Per worker process.")
+    parser.add_argument("--pool", choices=["prefork", "threads"], default="prefork")
     parser.add_argument("--reference-seconds", type=float, default=20.0)
     parser.add_argument("--latency-ms", type=int, default=LATENCY_MS,
                         help="Added by the sandbox to every call.")
@@ -116,7 +117,8 @@ def main() -> None:
                 out.write(json.dumps({
                     "reference": f"bulk-{i}", "buyer": {"email": "bench@example.com"},
                     "items": [{"session_id": 1002, "price_type_id": 3, "quantity": 1}]}) + "\n")
-        workers: list[Child] = [cluster.start_worker(concurrency=args.concurrency)
+        workers: list[Child] = [cluster.start_worker(concurrency=args.concurrency,
+                                                     pool=args.pool)
                                 for _ in range(args.workers)]
         for worker in workers:
             wait_for(lambda w=worker: "ready." in w.output(), timeout=120,  # type: ignore[misc]
@@ -153,7 +155,7 @@ def main() -> None:
         (f"ideal: {slots} slots / ({CALLS_PER_ORDER} calls x {args.latency_ms} ms)", ideal, ""),
         (f"plain script, {slots} threads, no Celery (reference)", reference["orders_per_s"],
          f"{reference['orders']} orders in {reference['wall_s']:.0f} s"),
-        (f"submit --wait, {args.workers} x prefork -c {args.concurrency}",
+        (f"submit --wait, {args.workers} x {args.pool} -c {args.concurrency}",
          product["orders_per_s"],
          f"{args.intents:,} intents in {product['wall_s']:.0f} s; {dict(statuses)}; "
          f"{product['without_outcome']} without outcome; "
@@ -168,7 +170,8 @@ def main() -> None:
     written.parent.mkdir(exist_ok=True)
     written.write_text(json.dumps({
         "machine": platform.platform(), "cpus": os.cpu_count(), "latency_ms": args.latency_ms,
-        "workers": args.workers, "concurrency": args.concurrency, "ideal_orders_per_s": ideal,
+        "workers": args.workers, "pool": args.pool, "concurrency": args.concurrency,
+        "ideal_orders_per_s": ideal,
         "plain_threads": reference, "product": product}, indent=2) + "\n")
     print(f"\nwritten to {written.relative_to(ROOT)}")
 

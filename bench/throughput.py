@@ -49,6 +49,7 @@ from fulfilment.harness.processes import (  # noqa: E402
     cpu_seconds,
     free_port,
     wait_for,
+    worker_args,
 )
 from tasks.app import configure  # noqa: E402
 
@@ -86,10 +87,8 @@ ROWS = {
 def start_workers(cluster: Cluster, shape: Shape, tmp: Path) -> list[Child]:
     keys = cluster.keys
     env = {**env_for(cluster.settings), "PYTHONPATH": str(ROOT)}
-    workers = [Child([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
-                      "-P", shape.pool, "-c", str(shape.concurrency), "-n", f"t{n}@%h",
-                      "-Q", f"{keys.continue_queue},{keys.task_queue}",
-                      "--without-gossip", "--without-mingle", "--without-heartbeat"],
+    workers = [Child(worker_args([keys.continue_queue, keys.task_queue], f"t{n}@%h",
+                                 concurrency=shape.concurrency, pool=shape.pool),
                      tmp / f"worker-{shape.pool}-{shape.concurrency}-{n}.log", env)
                for n in range(shape.processes)]
     cluster.workers.extend(workers)

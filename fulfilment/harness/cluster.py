@@ -134,12 +134,13 @@ class Cluster:
                     channel = connection.channel()
                     channel.exchange_delete(exchange)
 
-    def start_worker(self, *, concurrency: int = 2, beat: bool = False) -> Child:
+    def start_worker(self, *, concurrency: int = 2, beat: bool = False,
+                     pool: str = "prefork") -> Child:
         name = f"w{len(self.workers)}-{self.settings.key_prefix}@%h"
         args = worker_args([self.keys.continue_queue, self.keys.task_queue,
                             self.keys.maintenance_queue], name,
                            concurrency=concurrency, beat=beat,
-                           schedule=self.tmp / f"beat-{len(self.workers)}")
+                           schedule=self.tmp / f"beat-{len(self.workers)}", pool=pool)
         worker = Child(args, self.tmp / f"worker-{len(self.workers)}.log", env_for(self.settings))
         self.workers.append(worker)
         return worker

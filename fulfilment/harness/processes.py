@@ -105,9 +105,9 @@ class SandboxProcess(Child):
 
 
 def worker_args(queues: list[str], name: str, *, concurrency: int = 2, beat: bool = False,
-                schedule: Path | None = None) -> list[str]:
+                schedule: Path | None = None, pool: str = "prefork") -> list[str]:
     args = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
-            "-P", "prefork", "-c", str(concurrency), "-Q", ",".join(queues), "-n", name,
+            "-P", pool, "-c", str(concurrency), "-Q", ",".join(queues), "-n", name,
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if beat:
         args += ["-B", "-s", str(schedule)]
