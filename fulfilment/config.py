@@ -152,8 +152,8 @@ SETTINGS: tuple[Setting, ...] = (
             _required, secret=True, from_file=True),
     Setting("ONEBOX_CA_BUNDLE", "onebox_ca_bundle", "",
             "CA certificates (a PEM file, or a directory) to verify Onebox's TLS certificate "
-            "with; empty means the system's (or `REQUESTS_CA_BUNDLE`). Verification is "
-            "always on.", _optional_path),
+            "with; empty means the system's (requests' `REQUESTS_CA_BUNDLE` is not read). "
+            "Verification is always on.", _optional_path),
     Setting("ONEBOX_PLAIN_HTTP_HOSTS", "onebox_plain_http_hosts", "",
             "Comma-separated hosts that Onebox URLs may reach over plain `http://` besides "
             "this machine (a sandbox on a private network, such as compose's `sandbox`); "

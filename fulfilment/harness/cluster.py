@@ -25,6 +25,7 @@ from fulfilment.keys import Keys
 from fulfilment.results import consume_failures, consume_results
 from fulfilment.topology import Topology, control_names, is_amqp
 from fulfilment.wiring import broker_connection
+from schemas.intent import Buyer, SeatRef
 from schemas.result import OrderResult
 
 
@@ -144,6 +145,21 @@ class Cluster:
         worker = Child(args, self.tmp / f"worker-{len(self.workers)}.log", env_for(self.settings))
         self.workers.append(worker)
         return worker
+
+    def sell_at_box_office(self, *seats: SeatRef) -> None:
+        """Sell these seats to someone else first (through Onebox, as a box office would)."""
+        from fulfilment.onebox import build_client
+        from fulfilment.wiring import redis_client
+
+        box = build_client(self.settings, redis_client(self.settings))
+        try:
+            order = box.create_order()
+            box.add_seats(order.id, list(seats))
+            box.set_buyer(order.id, Buyer(email="box@example.com"))
+            box.pre_confirm(order.id)
+            box.confirm(order.id, "box-office")
+        finally:
+            box.close()
 
     def start_beat(self) -> Child:
         """celery beat as a process of its own, as in production (one per deployment)."""

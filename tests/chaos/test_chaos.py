@@ -39,9 +39,8 @@ import redis
 from fulfilment.config import Settings
 from fulfilment.harness.cluster import Cluster, env_for
 from fulfilment.harness.processes import RedisServer, SandboxProcess, child_pids, wait_for
-from fulfilment.onebox import build_client
 from fulfilment.wiring import redis_client
-from schemas.intent import Buyer, SeatRef
+from schemas.intent import SeatRef
 from tasks import app as celery_app
 from tasks.app import configure
 from tests.services import free_port, rabbitmq_vhost, require, unique_prefix
@@ -134,15 +133,7 @@ def expected_failures(documents: list[dict[str, Any]]) -> set[str]:
 
 
 def sell_recital_front_row(cluster: Cluster) -> None:
-    client = build_client(cluster.settings, redis_client(cluster.settings))
-    try:
-        order = client.create_order()
-        client.add_seats(order.id, [SeatRef(id=s, session_id=1003) for s in SOLD_SEATS])
-        client.set_buyer(order.id, Buyer(email="box@example.com"))
-        client.pre_confirm(order.id)
-        client.confirm(order.id, "box-office")
-    finally:
-        client.close()
+    cluster.sell_at_box_office(*(SeatRef(id=s, session_id=1003) for s in SOLD_SEATS))
 
 
 def submit(documents: list[dict[str, Any]]) -> set[str]:

@@ -28,9 +28,8 @@ import redis
 
 from fulfilment.harness.cluster import Cluster, env_for
 from fulfilment.harness.processes import Child, wait_for, worker_args
-from fulfilment.onebox import build_client
 from fulfilment.redis_text import text as redis_text
-from schemas.intent import Buyer, SeatRef
+from schemas.intent import SeatRef
 from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
@@ -145,13 +144,7 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
                     onebox_api_key=API_KEY, retry_deadline=60, onebox_read_timeout=2.0,
                     lease_ttl=3.0) as cluster:
         # Given seat 5 sold at the box office, a worker and beat at DEBUG
-        box = build_client(cluster.settings, redis_client)
-        order = box.create_order()
-        box.add_seats(order.id, [SeatRef(id=5, session_id=1001)])
-        box.set_buyer(order.id, Buyer(email="box@example.com"))
-        box.pre_confirm(order.id)
-        box.confirm(order.id, "box-office")
-        box.close()
+        cluster.sell_at_box_office(SeatRef(id=5, session_id=1001))
         keys = cluster.keys
         env = {**env_for(cluster.settings), "FULFILMENT_LOG_FORMAT": "json"}
         args = worker_args([keys.continue_queue, keys.task_queue, keys.maintenance_queue],

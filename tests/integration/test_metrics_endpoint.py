@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fulfilment.harness.cluster import Cluster
 from fulfilment.harness.processes import free_port, wait_for
-from fulfilment.onebox import build_client
-from schemas.intent import Buyer, SeatRef
+from schemas.intent import SeatRef
 from tasks.metrics import metrics_directory
 from tests.deployment import deployment
 
@@ -77,13 +76,7 @@ def test_a_prefork_worker_serves_counts_that_add_up_across_its_pool_processes(
     from tasks import submit_many
 
     # Given seat 5 sold at the box office, and a prefork worker with two pool processes
-    client = build_client(cluster.settings, redis_client)
-    order = client.create_order()
-    client.add_seats(order.id, [SeatRef(id=5, session_id=1001)])
-    client.set_buyer(order.id, Buyer(email="box@example.com"))
-    client.pre_confirm(order.id)
-    client.confirm(order.id, "box-office")
-    client.close()
+    cluster.sell_at_box_office(SeatRef(id=5, session_id=1001))
     port = cluster.settings.metrics_port
     worker = cluster.start_worker(concurrency=2)
     wait_for(lambda: scrape(port), timeout=60, what="the worker's metrics port")

@@ -21,8 +21,7 @@ import redis
 
 from fulfilment.harness.cluster import Cluster, env_for
 from fulfilment.harness.processes import Child, wait_for, worker_args
-from fulfilment.onebox import build_client
-from schemas.intent import Buyer, SeatRef
+from schemas.intent import SeatRef
 from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
@@ -73,13 +72,7 @@ def cluster(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
 def test_the_last_task_says_confirmed_or_failed_in_its_succeeded_event(
         cluster: Cluster, redis_client: redis.Redis) -> None:
     # Given seat 5 sold at the box office
-    box = build_client(cluster.settings, redis_client)
-    order = box.create_order()
-    box.add_seats(order.id, [SeatRef(id=5, session_id=1001)])
-    box.set_buyer(order.id, Buyer(email="box@example.com"))
-    box.pre_confirm(order.id)
-    box.confirm(order.id, "box-office")
-    box.close()
+    cluster.sell_at_box_office(SeatRef(id=5, session_id=1001))
     # and a worker with task events on, whose events this process receives
     events = Events()
     try:

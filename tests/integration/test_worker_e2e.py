@@ -18,8 +18,7 @@ import redis
 
 from fulfilment.errors import InvalidMessageError
 from fulfilment.harness.cluster import Cluster, env_for
-from fulfilment.onebox import build_client
-from schemas.intent import Buyer, SeatRef
+from schemas.intent import SeatRef
 from tests import services
 from tests.deployment import BROKERS, deployment
 
@@ -125,13 +124,7 @@ def test_the_sweep_resumes_an_intent_whose_message_was_lost(cluster: Cluster,
 def test_seat_already_sold_fails_and_releases_the_basket(cluster: Cluster,
                                                          redis_client: redis.Redis) -> None:
     # Given seat 5 already sold at the box office
-    client = build_client(cluster.settings, redis_client)
-    order = client.create_order()
-    client.add_seats(order.id, [SeatRef(id=5, session_id=1001)])
-    client.set_buyer(order.id, Buyer(email="box@example.com"))
-    client.pre_confirm(order.id)
-    client.confirm(order.id, "box-office")
-    client.close()
+    cluster.sell_at_box_office(SeatRef(id=5, session_id=1001))
     cluster.start_worker()
     # When an intent wants seat 6 (free), automatic seats, and seat 5 (sold)
     references = submit_all([intent("sold-1", [numbered(6), auto(2, price_type=4), numbered(5)])])
