@@ -237,8 +237,9 @@ class LeaseLostError(TransientError):
 class _Held:
     """The lease a run holds, and its intent's fields as that run last wrote them.
 
-    While the lease is ours no one else writes the entry (their writes are
-    fenced off), so the entry read when the lease was taken, plus our own
+    While the lease is ours no one else changes the entry's progress (other
+    workers' writes are fenced off; the recovery sweep only touches its
+    ``updated_at``), so the entry read when the lease was taken, plus our own
     writes, is what Redis holds: reading it again costs no round trip.
     """
 
