@@ -93,11 +93,11 @@ def test_a_prefork_worker_serves_counts_that_add_up_across_its_pool_processes(
     def settled() -> Samples | None:
         samples = scrape(port)
         done = samples is not None and \
-            total(samples, "fulfilment_step_duration_seconds_count", step="publish") >= 8 and \
+            total(samples, "fulfilment_step_duration_seconds_count", step="confirm") >= 8 and \
             total(samples, "fulfilment_open_intents") == 0
         return samples if done else None
 
-    samples = wait_for(settled, timeout=30, what="every publish counted, nothing open")
+    samples = wait_for(settled, timeout=30, what="every confirm step counted, nothing open")
     assert samples is not None  # wait_for returns only a truthy value
     assert total(samples, "fulfilment_intents_total", status="confirmed") == 7
     assert total(samples, "fulfilment_intents_total", status="failed",
