@@ -67,8 +67,8 @@ def encodings(secret: str) -> set[str]:
     """The ways a secret may be written into a line: as is, JSON-escaped, URL-encoded,
     and a phone number's digits without their separators."""
     forms = {secret, json.dumps(secret)[1:-1], quote(secret, safe=""), quote_plus(secret)}
-    if secret.startswith("+") or secret[:1].isdigit():
-        forms.add(re.sub(r"\D", "", secret))
+    if re.fullmatch(r"\+?[\d ().-]{7,}", secret):  # a phone number (not a token that
+        forms.add(re.sub(r"\D", "", secret))     # happens to start with a digit)
     return forms
 
 
