@@ -1,7 +1,8 @@
 """Run every benchmark, one after another: ``python -m bench`` (about 25 minutes).
 
-Each script prints its table and writes its JSON to bench/results/; the README's
-figures come from these. ``python -m bench NAME...`` runs only those named.
+Each script prints its table and writes its JSON to bench/results/; the figures of
+docs/benchmarks.md (and the README's headline table) come from these.
+``python -m bench NAME...`` runs only those named.
 Nothing else should run on the machine meanwhile: every table sets its figures
 beside a reference measured in the same run, but a busy machine still blurs them.
 """

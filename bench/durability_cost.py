@@ -1,6 +1,6 @@
 """What does a durable ledger cost per order: appendfsync always vs everysec vs no persistence?
 
-The ledger's Redis must run ``--appendonly yes --appendfsync always`` (README,
+The ledger's Redis must run ``--appendonly yes --appendfsync always`` (docs/operations.md,
 "What Redis must promise"): every write is fsynced before Redis answers it.
 This measures the price, beside two references in the same run (this machine
 is shared and noisy: read the ratios, not the absolute figures):

@@ -174,7 +174,7 @@ def check_columns(columns: list[str]) -> None:
                name not in ITEM_COLUMNS and not _EXTRA.fullmatch(name)]
     if unknown:
         raise BulkFileError(f"unknown CSV column(s): {', '.join(unknown)[:300]} (see "
-                            "'Producing intents' in the README for the columns)")
+                            "docs/producing.md, 'CSV columns')")
     repeated = sorted({name for name in columns if columns.count(name) > 1})
     if repeated:
         raise BulkFileError(f"CSV column(s) given twice: {', '.join(repeated)[:300]}")

@@ -43,9 +43,9 @@ cli.add_command(sandbox)
 
 
 @cli.command()
-@click.option("--markdown", is_flag=True, help="Print the README's table.")
+@click.option("--markdown", is_flag=True, help="Print docs/settings.md's table.")
 def settings(markdown: bool) -> None:
-    """Show every setting: its value here (secrets hidden), or the README table.
+    """Show every setting: its value here (secrets hidden), or the table of docs/settings.md.
 
     Works whatever the environment holds: a bad value is shown with what is
     wrong with it, and the exit code is then 78 (EX_CONFIG)."""

@@ -2,7 +2,7 @@
 
 ``SETTINGS`` below is the single list of knobs: name, type, default and what it
 is for. ``Settings.from_env()`` reads them, validates them and fails with one
-clear line; the README's settings table is generated from the same list
+clear line; the settings table of docs/settings.md is generated from the same list
 (``fulfilment settings --markdown``) and a test keeps the two in step.
 """
 
@@ -467,7 +467,7 @@ def mask_url(value: str) -> str:
 
 
 def settings_table() -> str:
-    """The README's settings table, in Markdown."""
+    """The settings table of docs/settings.md, in Markdown."""
     rows = ["| variable | default | what it is for |", "| --- | --- | --- |"]
     for setting in SETTINGS:
         default = f"`{setting.default}`" if setting.default else "(empty)"

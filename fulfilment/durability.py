@@ -4,8 +4,8 @@
 vanish with the host (power cut, kernel panic), and with it a "confirm sent"
 mark or an admission a producer was told about. Redis answers a write only
 after fsyncing it with the append-only file on and ``appendfsync always``;
-that is what workers and producers demand at start-up (measured cost: see the
-README). ``FULFILMENT_REQUIRE_DURABLE_REDIS=false`` waives the check, with a
+that is what workers and producers demand at start-up (measured cost: see
+docs/benchmarks.md). ``FULFILMENT_REQUIRE_DURABLE_REDIS=false`` waives the check, with a
 warning every time.
 """
 

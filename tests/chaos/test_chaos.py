@@ -1,8 +1,8 @@
 """Exactly once, whatever fails: real Redis, real worker processes, the sandbox.
 
-Each scenario runs 400 intents (FULFILMENT_CHAOS_INTENTS; the README's table: 500) through a
+Each scenario runs 400 intents (FULFILMENT_CHAOS_INTENTS; docs/reliability.md: 500) through a
 deployment of its own (a redis-server with the append-only file on and
-``appendfsync always``, as the README demands of production, with the fsync
+``appendfsync always``, as docs/operations.md demands of production, with the fsync
 shim that lets it simulate a host crash; the sandbox; Celery workers as
 processes under a supervisor that counts their deaths)
 while something breaks, then checks from the sandbox's audit and the results
@@ -48,7 +48,7 @@ from tests.services import free_port, rabbitmq_vhost, require, unique_prefix
 pytestmark = pytest.mark.integration
 
 INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_INTENTS", "400")), 1)
-#: Intents per scenario with RabbitMQ as the broker (measured: see the README's "Brokers").
+#: Intents per scenario with RabbitMQ as the broker (measured: see docs/operations.md, "Brokers").
 RABBITMQ_INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_RABBITMQ_INTENTS", "100")), 1)
 #: The scenarios run on both brokers: ``@BOTH_BROKERS`` (the fixture reads the parameter).
 BOTH_BROKERS = pytest.mark.parametrize("chaos", ["redis", "rabbitmq"], indirect=True)

@@ -1,10 +1,10 @@
-"""The README's contract examples are executable: valid ones load, bad ones are refused."""
+"""The contract examples of docs/contracts.md are executable: valid ones load, bad ones are
+refused."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from marshmallow import ValidationError
@@ -12,17 +12,16 @@ from marshmallow import ValidationError
 from schemas import CONFIRMED, FAILED, NumberedItem, dump_intent, load_intent, load_result
 from schemas.jsonschema import intent_json_schema, json_schema_errors, result_json_schema
 from schemas.result import result_id_for
+from tests.docs import ROOT, doc
 
-ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 
 
 def _contracts_section() -> str:
-    text = README.read_text(encoding="utf-8")
+    text = doc("contracts.md")
     start, end = "<!-- contracts:start -->", "<!-- contracts:end -->"
-    assert start in text, "README lost its contracts markers"
-    assert end in text, "README lost its contracts markers"
+    assert start in text, "docs/contracts.md lost its contracts markers"
+    assert end in text, "docs/contracts.md lost its contracts markers"
     return text[text.index(start) + len(start):text.index(end)]
 
 
@@ -44,7 +43,7 @@ BAD_INTENTS = _blocks("json bad-intent")
 
 
 def test_the_section_has_the_examples_it_promises() -> None:
-    assert _contracts_section().lstrip().startswith("## Contracts")
+    assert _contracts_section().lstrip().startswith("# Contracts")
     assert len(INTENTS) >= 3
     assert len(RESULTS) >= 2
     assert len(BAD_INTENTS) >= 3

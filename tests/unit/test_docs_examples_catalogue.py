@@ -1,28 +1,43 @@
-"""The README's valid intents ask for what the sandbox's default catalogue sells, so that
-pasting one into the demo's sandbox buys tickets instead of failing."""
+"""The documented valid intents ask for what the sandbox's default catalogue sells, so that
+pasting one into the demo's sandbox (or running the README's walkthrough) buys tickets
+instead of failing."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from schemas.intent import AutoItem, NumberedItem, load_intent
+from tests.docs import README, ROOT, pages
 
-ROOT = Path(__file__).resolve().parents[2]
 CATALOGUE = json.loads((ROOT / "fulfilment/sandbox/default_catalogue.json").read_text())
 SESSIONS = {session["id"]: session for session in CATALOGUE["sessions"]}
-EXAMPLES = re.findall(r"^```json intent\n(.*?)^```", (ROOT / "README.md").read_text(),
-                      re.MULTILINE | re.DOTALL)
+EXAMPLES = [body for page in pages()
+            for body in re.findall(r"^```json intent\n(.*?)^```", page.read_text(),
+                                   re.MULTILINE | re.DOTALL)]
+#: The intents file the README's walkthrough writes (`cat > intents.jsonl <<'EOF'`).
+WALKTHROUGH = re.search(r"^cat > intents\.jsonl <<'EOF'\n(.*?)^EOF$", README.read_text(),
+                        re.MULTILINE | re.DOTALL)
 
 
 def test_there_are_examples_to_check() -> None:
     assert len(EXAMPLES) >= 3
+    assert WALKTHROUGH, "the README's walkthrough lost its intents file"
 
 
-@pytest.mark.parametrize("body", EXAMPLES)
+def _walkthrough_lines() -> list[str]:
+    return WALKTHROUGH.group(1).splitlines() if WALKTHROUGH else []
+
+
+def test_the_walkthrough_intents_are_valid_and_distinct() -> None:
+    references = [load_intent(line).reference for line in _walkthrough_lines()]
+    assert len(references) >= 2
+    assert len(set(references)) == len(references)
+
+
+@pytest.mark.parametrize("body", EXAMPLES + _walkthrough_lines())
 def test_every_intent_example_asks_for_what_the_sandbox_sells(body: str) -> None:
     for item in load_intent(body).items:
         if isinstance(item, AutoItem):
