@@ -125,6 +125,13 @@ def _log_format(raw: str) -> str:
     return value
 
 
+def _traces(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in {"none", "otlp", "console"}:
+        raise ValueError("must be none, otlp or console")
+    return value
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -256,6 +263,11 @@ SETTINGS: tuple[Setting, ...] = (
             "`text`: one line per event with reference, order id, step, attempt and Onebox "
             "trace id in brackets; `json`: one JSON object per line with the same fields.",
             _log_format),
+    # --- Traces (fulfilment.tracing) --------------------------------------------
+    Setting("FULFILMENT_TRACES", "traces", "none",
+            "OpenTelemetry traces, one per intent (needs the `trace` extra): `none`, `otlp` "
+            "(to `OTEL_EXPORTER_OTLP_ENDPOINT`, OpenTelemetry's own variables apply) or "
+            "`console` (spans on standard error).", _traces),
 )
 
 
@@ -297,6 +309,7 @@ class Settings:
     metrics_port: int
     metrics_address: str
     log_format: str
+    traces: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

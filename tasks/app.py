@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init
 
 from fulfilment.config import Settings
 from fulfilment.keys import Keys
@@ -153,3 +153,12 @@ def _fresh_connections(**_: Any) -> None:
     from tasks import runtime
 
     runtime.reset()
+
+
+@worker_init.connect
+def _traces(**_: Any) -> None:
+    # Before the pool starts: OpenTelemetry's span processor restarts its export
+    # thread in each forked pool process by itself.
+    from tasks import tracing
+
+    tracing.setup(Settings.from_env(), "fulfilment-worker")

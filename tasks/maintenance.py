@@ -8,12 +8,12 @@ from fulfilment.keys import Keys
 from tasks import runtime
 from tasks.app import app
 from tasks.producer import producer
-from tasks.purchase import dispatch
+from tasks.purchase import resume
 
 
 @app.task(name="fulfilment.maintenance.sweep", ignore_result=True)
 def sweep() -> int:
-    return len(recovery.sweep(runtime.services(), dispatch))
+    return len(recovery.sweep(runtime.services(), resume))
 
 
 @app.task(name="fulfilment.maintenance.drain_intake", ignore_result=True)

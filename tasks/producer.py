@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from fulfilment import batches
 from fulfilment.batches import BatchStatus
 from fulfilment.producer import CHUNK, Producer, RawIntent, Submission
-from tasks import runtime
+from tasks import runtime, tracing
 
 
 def producer() -> Producer:
@@ -26,6 +26,7 @@ def producer() -> Producer:
 
     services = runtime.services()
     runtime.check_durable_once()
+    tracing.setup(services.settings, "fulfilment-producer")
     return Producer(services.ledger, dispatch, max_quantity=services.settings.max_quantity,
                     dispatch_many=dispatch_many)
 

@@ -23,7 +23,7 @@ from celery.canvas import Signature
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
-from fulfilment import flow
+from fulfilment import flow, tracing
 from fulfilment.flow import RetryIn, Stage, UnknownIntentError
 from schemas.result import OrderResult
 from tasks import runtime
@@ -45,6 +45,7 @@ def _advance(task: AnyTask, reference: object, stage: Stage) -> str:
         runtime.services().publisher.publish_failure(
             "task argument is not a reference", {"reference": ["invalid"]}, repr(reference)[:200])
         raise Ignore()
+    tracing.annotate(reference=reference, attempt=task.request.retries + 1)
     try:
         decision = flow.advance(runtime.services(), reference, stage,
                                 attempt=task.request.retries + 1)
@@ -59,6 +60,7 @@ def _advance(task: AnyTask, reference: object, stage: Stage) -> str:
                  decision.reason)
         raise task.retry(countdown=decision.delay, max_retries=None)
     if stage is Stage.PUBLISHED and decision.outcome is not None:
+        tracing.annotate(status=decision.outcome.status, order_code=decision.outcome.order_code)
         return summary(decision.outcome)
     return reference
 
@@ -100,9 +102,19 @@ def purchase_chain(reference: str) -> Signature[Any]:
     return chain(basket.si(reference), confirm.s())
 
 
-def dispatch(reference: str) -> None:
-    """Start (or restart) the purchase of an admitted intent."""
-    purchase_chain(reference).apply_async()
+def dispatch(reference: str, *, new_trace: bool = False) -> None:
+    """Start (or restart) the purchase of an admitted intent.
+
+    ``new_trace``: the intent gets a trace of its own (dispatched among many by
+    a fan-out or a sweep) rather than joining the caller's.
+    """
+    with tracing.intent_span(reference, new_trace=new_trace):
+        purchase_chain(reference).apply_async()
+
+
+def resume(reference: str) -> None:
+    """Dispatch again an intent the recovery sweep found stuck: in a trace of its own."""
+    dispatch(reference, new_trace=True)
 
 
 @app.task(name="fulfilment.dispatch_batch", bind=True, acks_late=True,
@@ -121,7 +133,7 @@ def dispatch_batch(self: AnyTask, references: object) -> int:
     started = 0
     for reference in items:
         if isinstance(reference, str) and _REFERENCE.fullmatch(reference):
-            dispatch(reference)
+            dispatch(reference, new_trace=True)
             started += 1
         else:
             runtime.services().publisher.publish_failure(
