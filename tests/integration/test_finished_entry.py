@@ -51,7 +51,8 @@ def services(settings: Settings) -> Iterator[Services]:
 
 
 def raw_entry(services: Services, reference: str) -> dict[str, bytes]:
-    raw = services.ledger.redis.hgetall(services.ledger.keys.ledger(reference))
+    raw: dict[bytes, bytes] = services.ledger.redis.hgetall(  # type: ignore[assignment]
+        services.ledger.keys.ledger(reference))
     return {key.decode(): value for key, value in raw.items()}
 
 

@@ -57,7 +57,7 @@ def test_mask_url(url: str, shown: str) -> None:
 ])
 def test_every_spelling_redis_py_authenticates_with_is_masked(url: str) -> None:
     """The password redis-py would send is the one hidden, whole."""
-    sent = redis.connection.parse_url(url)["password"]
+    sent = redis.connection.parse_url(url)["password"]  # type: ignore[no-untyped-call]
     assert sent == AT_PASSWORD
     assert not set(_fragments(sent)) & set(_fragments(mask_url(url)))
     assert url_has_password(url)
