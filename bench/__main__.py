@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "ratelimit": ["ratelimit.py"],
     "durability": ["durability_cost.py"],
     "sandbox": ["sandbox_throughput.py"],
+    "finished-entry": ["finished_entry.py", "--intents", "200"],
 }
 
 

@@ -126,6 +126,9 @@ def batch_status(batch_id: str, as_json: bool) -> None:
     client = redis_client(settings_)
     try:
         status = read_status(client, Keys(settings_.key_prefix), batch_id)
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot read the ledger at {mask_url(settings_.redis_url)}: "
+                                   f"{type(exc).__name__}") from None
     finally:
         client.close()
     if as_json:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fulfilment import redact
 from fulfilment.errors import ConfigError
 
 
@@ -75,7 +76,18 @@ def _url(raw: str) -> str:
     parts = urlsplit(raw)
     if not parts.scheme or not parts.netloc:
         raise ValueError("must be an absolute URL")
+    _numeric_port(raw)
     return raw.rstrip("/")
+
+
+def _numeric_port(raw: str) -> None:
+    """redis-py's and kombu's error for a bad port quotes it: the start of a password."""
+    for url in raw.split(";"):
+        try:
+            urlsplit(url).port  # noqa: B018 - read for its check
+        except ValueError:
+            raise ValueError("its port is not a number (a / ? or # in a password must be "
+                             "percent-encoded: %2F %3F %23)") from None
 
 
 def _optional_url(raw: str) -> str:
@@ -115,6 +127,7 @@ def _broker_url(raw: str) -> str:
     """A broker URL; ``memory://`` (the embedded demo's) has no host."""
     if raw and not urlsplit(raw).scheme:
         raise ValueError("must be a URL such as redis://host:6379/0 or amqp://host")
+    _numeric_port(raw)
     return raw
 
 
@@ -343,7 +356,7 @@ class Settings:
             if url.startswith("http://") and not is_loopback(host) \
                     and host not in self.plain_http_hosts:
                 raise ConfigError(
-                    f"{env}={url!r} is plain http:// to another machine: the API key and "
+                    f"{env}={mask_url(url)!r} is plain http:// to another machine: the API key and "
                     f"buyers' data would cross the network unencrypted; use https://, or add "
                     f"{host!r} to ONEBOX_PLAIN_HTTP_HOSTS if it is a sandbox on a private network")
 
@@ -470,13 +483,10 @@ def settings_report(env: Mapping[str, str] | None = None) -> tuple[list[str], li
     return lines, problems
 
 
-#: ``//user:password@`` in a URL (or in any text that holds one).
-_URL_PASSWORD = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
-
-
 def mask_url(value: str) -> str:
-    """Text with the password of any URL in it replaced by ``***``."""
-    return _URL_PASSWORD.sub(r"\1***@", value)
+    """A URL setting with its password, in any spelling a client accepts, shown as ``***``
+    (``fulfilment.redact.mask_url``)."""
+    return redact.mask_url(value)
 
 
 def settings_table() -> str:

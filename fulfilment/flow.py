@@ -712,14 +712,14 @@ def _result(services: Services, entry: Entry, status: str, *, order_code: str | 
         result_id=result_id_for(entry.reference),
         reference=entry.reference,
         status=status,
-        batch=entry.intent.batch,
+        batch=entry.result_batch,
         order_code=_clip(order_code),
         order_id=_clip(order_id if status == CONFIRMED else entry.order_id),
         error=error,
         attempts=entry.attempts,
         submitted_at=entry.submitted_at,
         finished_at=datetime.fromtimestamp(services.clock(), UTC),
-        metadata=entry.intent.metadata,
+        metadata=entry.result_metadata,
     )
 
 

@@ -16,6 +16,13 @@ still hold seats, JSON list of order ids)
 ``attempts``, ``outcome`` (the result, JSON, written once), ``published``,
 ``updated_at``, ``batch`` (the intent's batch id, or empty).
 
+Once the outcome is written the intent itself is owed nothing more, and the
+entry keeps, for ``FULFILMENT_LEDGER_RETENTION``, only what duplicate
+detection, ``fulfilment status``, ``settle``, refunds and batch status read
+(``KEPT_AFTER_OUTCOME``). The payload (buyer e-mail, phone, names, payments)
+and the basket's working notes go in the same script that writes the outcome,
+so no finished entry ever holds them.
+
 A batch's counters (``Keys.batch``: ``admitted``, ``confirmed``, ``failed``,
 ``failed:<code>``, ``unsettled``, ``published``, ``created_at``,
 ``updated_at``), its references without an outcome (``Keys.batch_open``) and
@@ -140,10 +147,24 @@ local function tally(outcome, by)
 end
 """
 
-# Write the outcome once. KEYS and the first five ARGV as above; ARGV[6]: outcome
-# json. Returns the outcome that stands (ours, or the one written before).
+#: Fields of an entry that an outcome makes useless: the intent (the buyer's data)
+#: and the basket's working notes. Everything else is kept (``KEPT_AFTER_OUTCOME``).
+DROPPED_AT_OUTCOME = ("intent", "pending", "buyer_set", "basket_ttl", "orphans",
+                      "orphan_expires", "failures")
+#: What a finished entry keeps, and who reads it: duplicate detection (fingerprint,
+#: submission); status (those, the times, counts and codes); settle and refunds
+#: (order_id, code, item_ids, basket_expires, confirm_sent); batch status and
+#: publishing (outcome, published, batch).
+KEPT_AFTER_OUTCOME = ("fingerprint", "submission", "submitted_at", "updated_at", "order_id",
+                      "code", "item_ids", "items_done", "confirm_sent", "baskets",
+                      "basket_expires", "attempts", "outcome", "published", "batch")
+
+# Write the outcome once, and drop what it makes useless (the buyer's data with
+# it). KEYS and the first five ARGV as above; ARGV[6]: outcome json. Returns the
+# outcome that stands (ours, or the one written before).
 _FINISH = _BATCH_GUARD + """
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[1], """ + ", ".join(f"'{name}'" for name in DROPPED_AT_OUTCOME) + """)
 local existing = redis.call('HGET', KEYS[1], 'outcome')
 if existing then return existing end
 redis.call('HSET', KEYS[1], 'outcome', ARGV[6], 'updated_at', ARGV[1])
@@ -227,6 +248,12 @@ class UnknownIntentError(PermanentError):
     default_code = "UNKNOWN_INTENT"
 
 
+class IntentDroppedError(PermanentError):
+    """The intent of a finished entry was asked for: it is dropped with the outcome."""
+
+    default_code = "INTENT_DROPPED"
+
+
 class LeaseLostError(TransientError):
     """Another worker holds the intent now: this one must stop writing and let go."""
 
@@ -260,7 +287,8 @@ class Entry:
     """One intent's ledger entry, as read."""
 
     reference: str
-    intent: PurchaseIntent
+    #: The intent as admitted; None once the outcome is written (see ``intent``).
+    stored_intent: PurchaseIntent | None
     fingerprint: str
     submitted_at: datetime
     order_id: str | None
@@ -286,6 +314,28 @@ class Entry:
     @property
     def finished(self) -> bool:
         return self.outcome is not None
+
+    @property
+    def intent(self) -> PurchaseIntent:
+        """The intent to buy: only an entry without an outcome still holds it."""
+        if self.stored_intent is None:
+            raise IntentDroppedError(f"{self.reference} has its outcome: its intent (and "
+                                     "the buyer's data) is no longer kept")
+        return self.stored_intent
+
+    @property
+    def result_batch(self) -> str | None:
+        """The batch an outcome of this entry names (the intent's, or its outcome's)."""
+        if self.stored_intent is not None:
+            return self.stored_intent.batch
+        return self.outcome.batch if self.outcome is not None else self.batch
+
+    @property
+    def result_metadata(self) -> Mapping[str, Any]:
+        """The producer's metadata an outcome of this entry carries (as above)."""
+        if self.stored_intent is not None:
+            return self.stored_intent.metadata
+        return self.outcome.metadata if self.outcome is not None else {}
 
 
 class Ledger:
@@ -435,7 +485,7 @@ class Ledger:
         """Write the outcome unless one stands already; return the one that stands."""
         answer = text(self._write_counted(self._finish, reference, outcome.batch,
                                           _result_json(outcome)))
-        self._remember(reference, {"outcome": answer})
+        self._remember(reference, {"outcome": answer}, drop=DROPPED_AT_OUTCOME)
         return metrics.outcome_written(outcome, load_result(answer))
 
     def settle(self, reference: str, outcome: OrderResult) -> OrderResult:
@@ -451,11 +501,14 @@ class Ledger:
         self._write_counted(self._published, reference, self._batches.get(reference))
         self._remember(reference, {"published": "1"})
 
-    def _remember(self, reference: str, changes: Mapping[str, str]) -> None:
+    def _remember(self, reference: str, changes: Mapping[str, str],
+                  drop: Sequence[str] = ()) -> None:
         """Keep the lease holder's copy of the entry as it now stands in Redis."""
         held = _FENCE.get()
         if held is not None and held.reference == reference and held.fields is not None:
             held.fields.update(changes, updated_at=repr(self._clock()))
+            for name in drop:
+                held.fields.pop(name, None)
             held.entry = None
 
     def _write(self, script: Any, reference: str, *args: Any) -> Any:
@@ -506,8 +559,11 @@ class Ledger:
     def open_count(self) -> int:
         return int(self.redis.zcard(self._keys.open_intents))
 
-    def _intent(self, fingerprint: str, raw: str) -> PurchaseIntent:
-        """The stored intent, decoded once per process (every stage reads it)."""
+    def _intent(self, fingerprint: str, raw: str | None) -> PurchaseIntent | None:
+        """The stored intent, decoded once per process (every stage reads it); None once
+        the outcome dropped it."""
+        if raw is None:
+            return None
         intent = self._intents.get(fingerprint)
         if intent is None:
             # Admitted under the producer's limits; a later, lower limit must not
@@ -523,7 +579,9 @@ class Ledger:
         outcome = fields.get("outcome")
         return Entry(
             reference=reference,
-            intent=self._intent(fields["fingerprint"], fields["intent"]),
+            # An entry without an outcome must hold its intent (else it is unreadable).
+            stored_intent=self._intent(fields["fingerprint"],
+                                       fields.get("intent") if outcome else fields["intent"]),
             fingerprint=fields["fingerprint"],
             submitted_at=datetime.fromisoformat(fields["submitted_at"]),
             order_id=fields.get("order_id") or None,

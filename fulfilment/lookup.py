@@ -23,6 +23,7 @@ from schemas.result import load_result
 
 #: A reference is spelled as the contract says; anything else cannot be in the ledger.
 REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+REFERENCE_RULE = "1-64 of A-Z a-z 0-9 . _ : -"
 _FIELDS = ("fingerprint", "submitted_at", "updated_at", "order_id", "code", "items_done",
            "pending", "buyer_set", "confirm_sent", "baskets", "attempts", "outcome",
            "published", "batch")
@@ -59,8 +60,7 @@ class IntentStatus:
 def intent_status(client: redis.Redis, keys: Keys, reference: str) -> IntentStatus:
     """The intent's status from the ledger (two reads, one round trip)."""
     if not REFERENCE.fullmatch(reference):
-        return IntentStatus(reference, False,
-                            problem="not a reference (1-64 of A-Z a-z 0-9 . _ : -)")
+        return IntentStatus(reference, False, problem=f"not a reference ({REFERENCE_RULE})")
     pipe = client.pipeline(transaction=False)
     pipe.hmget(keys.ledger(reference), list(_FIELDS))
     pipe.exists(keys.lease(reference))
@@ -126,7 +126,10 @@ def _progress(fields: dict[str, str]) -> tuple[str, str]:
 def describe(status: IntentStatus, *, now: datetime | None = None) -> list[str]:
     """The status as lines for people."""
     if not status.found:
-        return [f"{status.reference}: unknown: {status.problem}"]
+        # Typed by someone: shown quoted unless it is a reference (one line, whatever it holds).
+        shown = status.reference if REFERENCE.fullmatch(status.reference) else \
+            repr(status.reference)
+        return [f"{shown}: unknown: {status.problem}"]
     now = now or datetime.now(UTC)
     head = f"{status.reference}: {status.state}"
     if status.outcome:

@@ -16,7 +16,6 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 import click
 import redis
@@ -37,6 +36,7 @@ from fulfilment.producer import (
     describe_errors,
 )
 from fulfilment.progress import Progress
+from fulfilment.redact import url_has_password
 from fulfilment.results import consume_results
 from fulfilment.topology import Topology
 from schemas.result import CONFIRMED, OrderResult
@@ -91,7 +91,7 @@ def demo(count: int, broker_url: str | None, concurrency: int, timeout: float,
 def refuse_password_on_command_line(broker_url: str | None) -> None:
     """A command line is readable by every user of the machine (``ps``): a broker URL
     with a password is refused there, and taken from the environment or a file."""
-    if broker_url and urlsplit(broker_url).password:
+    if broker_url and url_has_password(broker_url):
         raise click.ClickException(  # one line: no usage text around it
             "--broker: this URL carries a password, and a command line is visible to every "
             "user (ps): set FULFILMENT_BROKER_URL or FULFILMENT_BROKER_URL_FILE instead")
@@ -317,16 +317,26 @@ def settle(references: tuple[str, ...]) -> None:
     the deadline whether it went through. Exit code 1 while any stays unsettled.
     """
     from fulfilment import flow
+    from fulfilment.lookup import REFERENCE, REFERENCE_RULE
     from tasks import runtime
 
     open_ones = 0
     for reference in references:
+        if not REFERENCE.fullmatch(reference):
+            click.echo(f"{reference!r}: not settled: not a reference ({REFERENCE_RULE})",
+                       err=True)
+            open_ones += 1
+            continue
         try:
             outcome = flow.settle(runtime.services(), reference)
         except FulfilmentError as exc:
             click.echo(f"{reference}: not settled: {exc.message}", err=True)
             open_ones += 1
             continue
+        except redis.RedisError as exc:
+            raise click.ClickException(
+                f"cannot reach the ledger at {mask_url(runtime.services().settings.redis_url)}: "
+                f"{type(exc).__name__}; nothing settled from {reference} on") from None
         if outcome is None:
             click.echo(f"{reference}: no outcome yet (the purchase is still running)")
         elif outcome.status == "confirmed":

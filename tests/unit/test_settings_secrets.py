@@ -3,21 +3,27 @@ a file, never from a command line."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import click
 import pytest
+import redis
 from click.testing import CliRunner
 
 import tasks.commands  # noqa: F401  (adds the console script's commands to fulfilment.cli's group)
 from fulfilment.cli import cli
 from fulfilment.config import SETTINGS, Settings, env_value, mask_url, settings_report
 from fulfilment.errors import ConfigError
+from fulfilment.health import check_health
+from fulfilment.redact import scrub, url_has_password
 
 main_cli = cli  # the console script's group, every command added (by tasks.commands)
 
 PASSWORD = "s3cr3t-Pa55"
+#: A password holding an unencoded @, which redis-py and kombu accept.
+AT_PASSWORD = "Tr0ub4dor@horse@staple"
 
 
 @pytest.mark.parametrize(("url", "shown"), [
@@ -26,9 +32,57 @@ PASSWORD = "s3cr3t-Pa55"
     (f"amqp://guest:{PASSWORD}@mq:5672/vhost", "amqp://guest:***@mq:5672/vhost"),
     ("redis://cache:6379/0", "redis://cache:6379/0"),
     ("memory://localhost/", "memory://localhost/"),
+    # An unencoded @ in the password: every client takes the netloc's last @.
+    (f"redis://:{AT_PASSWORD}@cache:6379/0", "redis://:***@cache:6379/0"),
+    (f"amqp://guest:{AT_PASSWORD}@mq:5672//", "amqp://guest:***@mq:5672//"),
+    # In the query: redis-py passes any query argument on to the connection.
+    (f"redis://cache:6379/0?password={PASSWORD}&db=2", "redis://cache:6379/0?password=***&db=2"),
+    (f"redis://cache/0?password={AT_PASSWORD}", "redis://cache/0?password=***"),
+    (f"redis://:{PASSWORD}@cache/0?password={PASSWORD}", "redis://:***@cache/0?password=***"),
+    # Celery's fail-over list: each URL's own password.
+    (f"amqp://a:{PASSWORD}@mq1//;amqp://b:{AT_PASSWORD}@mq2//", "amqp://a:***@mq1//;amqp://b:***@mq2//"),
+    # Unencoded / ? # authenticate nowhere, but are still someone's password.
+    ("redis://:pass/word@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("redis://:pass?word@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("redis://:pass#word@cache:6379/0", "redis://:***@cache:6379/0"),
 ])
 def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+@pytest.mark.parametrize("url", [
+    f"redis://:{AT_PASSWORD}@cache:6379/0",
+    f"redis://cache:6379/0?password={AT_PASSWORD}",
+    f"rediss://default:{AT_PASSWORD}@cache:6380/0?password={AT_PASSWORD}",
+])
+def test_every_spelling_redis_py_authenticates_with_is_masked(url: str) -> None:
+    """The password redis-py would send is the one hidden, whole."""
+    sent = redis.connection.parse_url(url)["password"]  # type: ignore[no-untyped-call]
+    assert sent == AT_PASSWORD
+    assert not set(_fragments(sent)) & set(_fragments(mask_url(url)))
+    assert url_has_password(url)
+
+
+def _fragments(text: str) -> list[str]:
+    """Every piece of ``text`` between the URL punctuation, four characters or more."""
+    return [part for part in re.split(r"[:/@?&=#;]", text) if len(part) >= 4]
+
+
+def test_free_text_holding_a_url_has_its_password_masked() -> None:
+    line = scrub(f"Error connecting to redis://:{AT_PASSWORD}@cache.example.com:6379/0: "
+                 f"refused; retry amqp://u:{PASSWORD}@mq//")
+    assert "redis://:***@cache.example.com:6379/0" in line
+    assert "amqp://u:***@mq//" in line
+    assert not set(_fragments(AT_PASSWORD)) & set(_fragments(line))
+
+
+@pytest.mark.parametrize("variable", ["FULFILMENT_REDIS_URL", "FULFILMENT_BROKER_URL"])
+def test_a_password_with_an_unencoded_slash_stops_start_up_without_its_start(
+        variable: str) -> None:
+    """redis-py and kombu would stop on the "port" and quote it: the password's start."""
+    with pytest.raises(ConfigError, match="port is not a number") as raised:
+        Settings.from_env({variable: "redis://:Swordfish/42@cache:6379/0"})
+    assert "Swordfish" not in str(raised.value)
 
 
 def test_settings_repr_and_display_hide_passwords() -> None:
@@ -54,6 +108,35 @@ def test_fulfilment_settings_shows_variables_with_passwords_masked(
     assert PASSWORD not in output
     assert "FULFILMENT_REDIS_URL = 'redis://:***@cache:6379/0'" in output
     assert "ONEBOX_API_KEY = <secret>" in output
+
+
+#: Spellings of a ledger and a broker URL whose password the clients read.
+SPELLINGS = [
+    (f"redis://:{AT_PASSWORD}@127.0.0.1:1/0", f"amqp://guest:{AT_PASSWORD}@127.0.0.1:1//"),
+    (f"redis://127.0.0.1:1/0?password={AT_PASSWORD}",
+     f"redis://:{AT_PASSWORD}@127.0.0.1:1/1?password={AT_PASSWORD}"),
+]
+
+
+@pytest.mark.parametrize(("redis_url", "broker_url"), SPELLINGS)
+def test_fulfilment_settings_masks_every_spelling_of_a_password(
+        monkeypatch: pytest.MonkeyPatch, redis_url: str, broker_url: str) -> None:
+    monkeypatch.setenv("FULFILMENT_REDIS_URL", redis_url)
+    monkeypatch.setenv("FULFILMENT_BROKER_URL", broker_url)
+    result = CliRunner().invoke(cli, ["settings"])
+    assert result.exit_code == 0, result.output
+    assert not set(_fragments(AT_PASSWORD)) & set(_fragments(result.output))
+    assert "127.0.0.1:1" in result.output  # the rest of the URL is shown
+
+
+@pytest.mark.parametrize(("redis_url", "broker_url"), SPELLINGS)
+def test_health_json_masks_every_spelling_of_a_password(redis_url: str,
+                                                        broker_url: str) -> None:
+    """Nothing listens on port 1: every check fails, and says where it looked."""
+    settings = Settings.defaults().with_overrides(redis_url=redis_url, broker_url=broker_url)
+    report = json.dumps(check_health(settings, onebox=False).as_dict())
+    assert not set(_fragments(AT_PASSWORD)) & set(_fragments(report))
+    assert "127.0.0.1:1" in report
 
 
 # --- Secrets from a file (ONEBOX_API_KEY_FILE, ...), never from the command line ---------
@@ -137,7 +220,8 @@ def test_the_sandbox_takes_its_key_from_the_environment_or_a_file(tmp_path: Path
 
 
 @pytest.mark.parametrize("url", [f"redis://:{PASSWORD}@127.0.0.1:1/0",
-                                 f"amqp://guest:{PASSWORD}@127.0.0.1:1/vhost"])
+                                 f"amqp://guest:{PASSWORD}@127.0.0.1:1/vhost",
+                                 f"redis://127.0.0.1:1/0?password={PASSWORD}"])
 def test_the_demo_refuses_a_broker_password_on_its_command_line(url: str) -> None:
     """Refused before anything starts, in one line naming where the URL belongs."""
     result = CliRunner().invoke(main_cli, ["demo", "--broker", url])
@@ -178,3 +262,34 @@ def test_the_demo_takes_its_broker_from_the_option_the_environment_or_a_file(
     result = CliRunner().invoke(main_cli, ["demo", *argv])
     assert isinstance(result.exception, _Stop), result.output
     assert asked == [url]
+
+
+# --- A reference typed by someone: one line and an exit code, never a traceback ------------
+
+@pytest.mark.parametrize("reference", ["a{b}", "x}:ledger", "", "a" * 65, "two\nlines"])
+def test_settle_and_status_answer_an_impossible_reference_in_one_line(reference: str) -> None:
+    for command in ("settle", "status"):
+        result = CliRunner().invoke(main_cli, [command, reference])
+        assert result.exit_code == 1, (command, result.output)
+        assert not isinstance(result.exception, Exception) or \
+            isinstance(result.exception, SystemExit), result.exception
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "not a reference" in lines[0], (command, lines)
+
+
+def test_settle_and_batch_status_say_in_one_line_that_redis_is_unreachable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks import runtime
+
+    monkeypatch.setenv("FULFILMENT_REDIS_URL", f"redis://:{AT_PASSWORD}@127.0.0.1:1/0")
+    runtime.reset(Settings.from_env())
+    try:
+        for argv in (["settle", "shop-1"], ["batch", "status", "night-1"]):
+            result = CliRunner().invoke(main_cli, argv)
+            assert result.exit_code == 1, (argv, result.output)
+            assert isinstance(result.exception, SystemExit), result.exception
+            lines = result.output.strip().splitlines()
+            assert len(lines) == 1 and "cannot" in lines[0] and "ConnectionError" in lines[0]
+            assert not set(_fragments(AT_PASSWORD)) & set(_fragments(result.output))
+    finally:
+        runtime.reset()
