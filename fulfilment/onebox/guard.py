@@ -33,9 +33,19 @@ A call the guard stops is never sent, so it is always safe to repeat: both
 errors are ``HeldBackError``, which the flow does not count as a failure. A
 call that was sent keeps its own classification (``transport``): the guard only
 watches it. Time is Redis's (``TIME``), so machines whose clocks disagree still
-share one limit; tests inject a clock. When Redis cannot be reached the guard
-lets calls through (logged): a call too many is better than a sale not made,
-and Onebox's own 429 still stands behind it.
+share one limit; tests inject a clock.
+
+Clock steps: if Redis's clock steps back, state written before the step lies
+in the future, and the scripts would hold every call of the fleet back for the
+size of the step. So they never trust more than the configuration allows: an
+arrival time further off than ``ONEBOX_RATE_LIMIT_MAX_WAIT`` plus one interval,
+a breaker open for longer than its cool-down from now and a probe held for
+longer than its TTL are clamped to that bound (and written back); a failure
+window that starts in the future is begun again. A step forward needs nothing:
+state in the past is simply over.
+
+When Redis cannot be reached the guard lets calls through (logged): a call too
+many is better than a sale not made, and Onebox's own 429 still stands behind it.
 """
 
 from __future__ import annotations
@@ -90,17 +100,32 @@ end
 # KEYS: breaker hash, probe key, rate key.
 # ARGV: now (us, or '' for Redis's TIME), breaker on ('1'/'0'), probe token, probe
 # TTL (ms), window (us), interval between calls (us, '0' = no limit), longest wait
-# (us), state TTL (ms), calls made meanwhile without asking (see BREAKER_CACHE).
-# Answers {verdict, microseconds, 1 if this call is the probe}.
+# (us), state TTL (ms), cool-down (us), calls made meanwhile without asking (see
+# BREAKER_CACHE). Answers {verdict, microseconds, 1 if this call is the probe}.
+# Redis's clock may step back (NTP, a VM restored): state written before the step
+# then lies further ahead than the configuration allows, and is clamped to that
+# bound (see "Clock steps" in the module docstring).
 _ADMIT = _NOW + """
 local breaker = ARGV[2] == '1'
+local cooldown = tonumber(ARGV[9])
 local probe = 0
 if breaker then
   local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until'))
   if open_until then
+    -- Never open longer than a cool-down from now: past that, Redis's clock stepped back.
+    if open_until - now > cooldown then
+      open_until = now + cooldown
+      redis.call('HSET', KEYS[1], 'open_until', string.format('%.0f', open_until))
+    end
     if now < open_until then return {1, open_until - now, 0} end
     if not redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then
-      return {2, math.max(redis.call('PTTL', KEYS[2]), 0) * 1000, 0}
+      -- Key expiry is on the wall clock too: a probe never holds longer than its TTL.
+      local left = redis.call('PTTL', KEYS[2])
+      if left > tonumber(ARGV[4]) then
+        redis.call('PEXPIRE', KEYS[2], ARGV[4])
+        left = tonumber(ARGV[4])
+      end
+      return {2, math.max(left, 0) * 1000, 0}
     end
     probe = 1
   end
@@ -110,6 +135,14 @@ local interval = tonumber(ARGV[6])
 if interval > 0 then
   local tat = tonumber(redis.call('GET', KEYS[3])) or now
   if tat < now then tat = now end
+  -- The limiter never owes more than its longest wait plus one call: a later
+  -- arrival time is left by a clock that stepped back. Keep the bound instead.
+  local ceiling = now + tonumber(ARGV[7]) + interval
+  if tat > ceiling then
+    tat = ceiling
+    redis.call('SET', KEYS[3], string.format('%.0f', tat), 'PX',
+               math.ceil((tat - now) / 1000) + 1000)
+  end
   wait = tat - now
   if wait > tonumber(ARGV[7]) then
     if probe == 1 then redis.call('DEL', KEYS[2]) end
@@ -121,8 +154,8 @@ if interval > 0 then
 end
 if breaker and probe == 0 then
   local start = tonumber(redis.call('HGET', KEYS[1], 'window_start'))
-  local calls = 1 + (tonumber(ARGV[9]) or 0)
-  if start and now - start < tonumber(ARGV[5]) then
+  local calls = 1 + (tonumber(ARGV[10]) or 0)
+  if start and start <= now and now - start < tonumber(ARGV[5]) then
     redis.call('HINCRBY', KEYS[1], 'calls', calls)
   else
     redis.call('HSET', KEYS[1], 'window_start', string.format('%.0f', now), 'calls', calls,
@@ -161,7 +194,7 @@ if outcome ~= 'fail' or is_open then return {'none', 0, 0} end
 local start = tonumber(redis.call('HGET', KEYS[1], 'window_start'))
 local failures, calls
 local uncounted = tonumber(ARGV[9]) or 0
-if start and now - start < tonumber(ARGV[7]) then
+if start and start <= now and now - start < tonumber(ARGV[7]) then
   failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
   calls = math.max(redis.call('HINCRBY', KEYS[1], 'calls', uncounted), failures)
 else
@@ -283,7 +316,7 @@ class OneboxGuard:
                 args=[self._now(), "1" if config.breaker_failures else "0", token,
                       int(config.probe_ttl * 1000), int(config.breaker_window * US),
                       self._interval_us, int(config.max_wait * US), self._state_ttl_ms,
-                      uncounted])
+                      int(config.breaker_cooldown * US), uncounted])
         except redis.RedisError as exc:
             self._redis_unavailable(exc)
             return Permit()
@@ -356,7 +389,7 @@ class OneboxGuard:
         raw = {text(k): text(v) for k, v in self._redis.hgetall(self.breaker_key).items()}
         now_us = self._now_us()
         if "open_until" in raw:
-            left = (float(raw["open_until"]) - now_us) / US
+            left = min((float(raw["open_until"]) - now_us) / US, self.config.breaker_cooldown)
             return BreakerState("open" if left > 0 else "half_open", max(left, 0.0))
         return BreakerState("closed", 0.0, int(raw.get("failures", 0)), int(raw.get("calls", 0)))
 
