@@ -460,7 +460,7 @@ def _retry_or_fail(services: Services, reference: str, exc: FulfilmentError, *,
     entry = _reread(services, reference)
     failures = services.ledger.count_failure(reference) if counts else 1
     delay = services.policy.delay(failures, exc.retry_after)
-    elapsed = services.clock() - entry.submitted_at.timestamp()
+    elapsed = services.ledger.age(entry)  # on Redis's clock, from admission
     if services.policy.gives_up(failures if counts else 0, elapsed, delay):
         return _fail(services, reference, exc)
     services.ledger.record(reference)  # a retry is scheduled: alive, not stuck
@@ -530,7 +530,7 @@ def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError, *
                        at_once: bool = False) -> Decision:
     """Keep asking until the deadline; then say so: ``unsettled``, never ``failed``."""
     now = services.clock()
-    remaining = entry.submitted_at.timestamp() + services.policy.deadline - now
+    remaining = services.policy.deadline - services.ledger.age(entry)
     if remaining > 0 and not at_once:
         services.ledger.record(entry.reference)  # alive: the sweep need not resume it
         wait = (entry.basket_expires or now) + CLOCK_SKEW_MARGIN - now
