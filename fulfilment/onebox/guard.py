@@ -50,13 +50,15 @@ many is better than a sale not made, and Onebox's own 429 still stands behind it
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -446,12 +448,59 @@ class _HeldBack:
         return line
 
 
+#: Steps no ``before_send`` hook is about: the token's call (``fulfilment.onebox.auth.STEP``),
+#: made on the way to the call the hook is for.
+UNHOOKED_STEPS = frozenset({"token"})
+
+_BEFORE_SEND: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "onebox_before_send", default=None)
+
+
+@contextmanager
+def before_send(hook: Callable[[], None]) -> Iterator[None]:
+    """Run ``hook`` just before each call made inside goes out.
+
+    That is after the guard let the call through and after its rate-limit wait:
+    never for a call the guard held back, nor for the token's call. The purchase
+    flow marks a call that cannot be repeated as sent here, and checks its run's
+    time, so a wait is neither taken for a send nor left out of the time spent.
+    A hook that raises stops the call unsent. Hooks nest: the outer one runs first.
+    """
+    outer = _BEFORE_SEND.get()
+
+    def both() -> None:
+        if outer is not None:
+            outer()
+        hook()
+
+    token = _BEFORE_SEND.set(both)
+    try:
+        yield
+    finally:
+        _BEFORE_SEND.reset(token)
+
+
 def guarded(guard: OneboxGuard | None, step: str,
             call: Callable[[], requests.Response]) -> requests.Response:
-    """``guard.send(step, call)``, or just ``call()`` when there is no guard."""
+    """``guard.send(step, call)``, or just ``call()`` when there is no guard.
+
+    Every request to Onebox is made through here: ``before_send`` hooks rely on it.
+    """
     call = metrics.onebox_call(step, call)  # counted and timed only if sent
+    hook = None if step in UNHOOKED_STEPS else _BEFORE_SEND.get()
+    if hook is not None:
+        call = _announced(hook, call)
     return call() if guard is None else guard.send(step, call)
 
 
-__all__ = ["BreakerState", "GuardConfig", "OneboxGuard", "Permit", "guarded", "scope_for"]
+def _announced(hook: Callable[[], None],
+               call: Callable[[], requests.Response]) -> Callable[[], requests.Response]:
+    def announced() -> requests.Response:
+        hook()
+        return call()
+    return announced
+
+
+__all__ = ["BreakerState", "GuardConfig", "OneboxGuard", "Permit", "before_send", "guarded",
+           "scope_for"]
 
