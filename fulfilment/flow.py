@@ -15,6 +15,7 @@ outcome here; the task layer only schedules.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import logging
 import time
@@ -36,6 +37,7 @@ from fulfilment.lease import Leases
 from fulfilment.ledger import Begun, Entry, LeaseLostError, Ledger, UnknownIntentError
 from fulfilment.logcontext import bound
 from fulfilment.onebox.client import OneboxClient
+from fulfilment.onebox.guard import before_send
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from schemas.intent import NumberedItem
@@ -156,14 +158,42 @@ def advance(services: Services, reference: str, target: Stage, attempt: int = 1)
 
 
 def _time_budget(settings: Settings) -> float:
-    """Seconds a run may start calls for: one full call must fit before the soft limit."""
+    """Seconds a run may send calls for: one full call must fit before the soft limit.
+
+    A call's wait for the shared rate limit is spent before it is sent, so it
+    counts: the time is checked again when the call goes out (``_RunTime``).
+    """
     call = settings.onebox_connect_timeout + settings.onebox_read_timeout
     return max(settings.task_soft_time_limit - call - 1.0, 1.0)
 
 
+@dataclass
+class _RunTime:
+    """A run's time budget, checked when a stage's call goes out (after any wait)."""
+
+    clock: Callable[[], float]
+    until: float
+    #: Set by ``_in_time``: the next call sent is a stage's, bound by the budget.
+    armed: bool = False
+
+    def sending(self) -> None:
+        armed, self.armed = self.armed, False
+        if armed and self.clock() > self.until:
+            raise OutOfTimeError("this run's time ran out waiting for its turn; nothing sent")
+
+
+_RUN: contextvars.ContextVar[_RunTime | None] = contextvars.ContextVar("flow_run", default=None)
+
+
 def _advance_leased(services: Services, entry: Entry, target: Stage) -> Decision:
     until = services.clock() + _time_budget(services.settings)
-    decision = _attempt(services, entry, target, until)
+    run = _RunTime(services.clock, until)
+    token = _RUN.set(run)
+    try:
+        with before_send(run.sending):
+            decision = _attempt(services, entry, target, until)
+    finally:
+        _RUN.reset(token)
     if isinstance(decision, Proceed) and target >= Stage.PUBLISHED:
         return Proceed(_publish(services, entry.reference))
     return decision
@@ -224,9 +254,15 @@ def _run(services: Services, entry: Entry, target: Stage, until: float) -> None:
 
 
 def _in_time(services: Services, until: float) -> None:
-    """Before each call: stop while a whole call still fits before the soft time limit."""
+    """Before each call: stop while a whole call still fits before the soft time limit.
+
+    Checked once more as the call goes out, so a wait for the rate limit counts.
+    """
     if services.clock() > until:
         raise OutOfTimeError("this run's time is up")
+    run = _RUN.get()
+    if run is not None:
+        run.armed = True
 
 
 # --- the stages ----------------------------------------------------------------
@@ -460,7 +496,7 @@ def _retry_or_fail(services: Services, reference: str, exc: FulfilmentError, *,
     entry = _reread(services, reference)
     failures = services.ledger.count_failure(reference) if counts else 1
     delay = services.policy.delay(failures, exc.retry_after)
-    elapsed = services.clock() - entry.submitted_at.timestamp()
+    elapsed = services.ledger.age(entry)  # on Redis's clock, from admission
     if services.policy.gives_up(failures if counts else 0, elapsed, delay):
         return _fail(services, reference, exc)
     services.ledger.record(reference)  # a retry is scheduled: alive, not stuck
@@ -530,7 +566,7 @@ def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError, *
                        at_once: bool = False) -> Decision:
     """Keep asking until the deadline; then say so: ``unsettled``, never ``failed``."""
     now = services.clock()
-    remaining = entry.submitted_at.timestamp() + services.policy.deadline - now
+    remaining = services.policy.deadline - services.ledger.age(entry)
     if remaining > 0 and not at_once:
         services.ledger.record(entry.reference)  # alive: the sweep need not resume it
         wait = (entry.basket_expires or now) + CLOCK_SKEW_MARGIN - now
@@ -624,18 +660,30 @@ def _release(services: Services, entry: Entry, *, probe: bool = False) -> bool:
 # --- helpers -----------------------------------------------------------------------
 @contextmanager
 def _sending(ledger: Ledger, reference: str, step: str) -> Iterator[None]:
-    """Mark a non-repeatable basket call as sent before sending it.
+    """Mark a non-repeatable basket call as sent just before it goes out.
 
-    If the call fails in a way that says it was not done, the mark is cleared;
-    if its outcome is unknown, or the worker dies, the mark stays and the next
-    run abandons the basket. The caller clears it with the call's result.
+    That is once the rate limit's wait is over (``before_send``): a worker
+    stopped while it waits (a soft time limit) has sent nothing, and its basket
+    is not abandoned. If the call fails in a way that says it was not done, the
+    mark is cleared; if its outcome is unknown, or the worker dies, the mark
+    stays and the next run abandons the basket. The caller clears it with the
+    call's result.
     """
-    ledger.record(reference, pending=step)
-    try:
-        yield
-    except (TransientError, PermanentError):
-        ledger.record(reference, pending=None)
-        raise
+    marked = False
+
+    def mark() -> None:
+        nonlocal marked
+        if not marked:
+            ledger.record(reference, pending=step)
+            marked = True
+
+    with before_send(mark):
+        try:
+            yield
+        except (TransientError, PermanentError):
+            if marked:
+                ledger.record(reference, pending=None)
+            raise
 
 
 def _reread(services: Services, reference: str) -> Entry:

@@ -7,7 +7,9 @@ message resumes where the work stands. The ledger, not the broker, is the
 record of what is owed: the recovery sweep walks ``open_intents``.
 
 One Redis hash per intent. Fields: ``intent`` (the payload, JSON),
-``fingerprint``, ``submitted_at``, ``order_id``, ``item_ids`` (JSON list),
+``fingerprint``, ``submitted_at`` (the admitting process's clock, shown to
+people), ``admitted_at`` (Redis's clock at admission: deadlines), ``order_id``,
+``item_ids`` (JSON list),
 ``items_done``, ``pending`` (a basket call sent but not yet recorded),
 ``buyer_set``, ``code``, ``confirm_sent``, ``baskets``, ``basket_expires``,
 ``basket_ttl``, ``orphan_expires`` and ``orphans`` (abandoned baskets that may
@@ -74,9 +76,11 @@ class Admission(enum.Enum):
 
 # KEYS: ledger key, open-intents zset, then (when ARGV[8] names a batch) the batch's
 # counters, open set and members. ARGV: fingerprint, intent json, submitted_at, now,
-# retention seconds, reference, submission id, batch id or ''. The submission id
-# makes a call that redis-py retried after a timeout answer "new" again, rather
-# than "duplicate" of itself (and count nothing twice).
+# retention seconds, reference, submission id, batch id or '', admission time (epoch
+# seconds, tests) or '' for Redis's own TIME. The submission id makes a call that
+# redis-py retried after a timeout answer "new" again, rather than "duplicate" of
+# itself (and count nothing twice). ``admitted_at`` is Redis's clock, never the
+# producer's: the retry deadline is counted from it (``Ledger.age``).
 _ADMIT = """
 local existing = redis.call('HGET', KEYS[1], 'fingerprint')
 if existing then
@@ -84,10 +88,15 @@ if existing then
   if redis.call('HGET', KEYS[1], 'submission') == ARGV[7] then return 'new' end
   return 'duplicate'
 end
+local admitted = ARGV[9]
+if admitted == '' then
+  local t = redis.call('TIME')
+  admitted = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+end
 redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'intent', ARGV[2], 'submission', ARGV[7],
-           'submitted_at', ARGV[3], 'updated_at', ARGV[4], 'items_done', 0,
-           'attempts', 0, 'baskets', 0, 'buyer_set', 0, 'confirm_sent', 0, 'published', 0,
-           'batch', ARGV[8])
+           'submitted_at', ARGV[3], 'admitted_at', admitted, 'updated_at', ARGV[4],
+           'items_done', 0, 'attempts', 0, 'baskets', 0, 'buyer_set', 0, 'confirm_sent', 0,
+           'published', 0, 'batch', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
 if ARGV[8] ~= '' then
@@ -308,6 +317,8 @@ class Entry:
     published: bool
     updated_at: float
     batch: str | None = None
+    #: When it was admitted, on Redis's clock; None for an entry admitted before it was kept.
+    admitted_at: float | None = None
     #: The hash's fields as read, for a holder of the lease to keep up to date.
     fields: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -342,11 +353,14 @@ class Ledger:
     """Reads and writes ledger entries; every write is one atomic Redis command."""
 
     def __init__(self, client: redis.Redis, keys: Keys, retention: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] | None = None) -> None:
+        """``clock``: tests' time, standing for Redis's clock too; None: this process's
+        clock for progress stamps, Redis's ``TIME`` for admission and deadlines."""
         self.redis = client
         self._keys = keys
         self._retention = retention
-        self._clock = clock
+        self._clock = clock or time.time
+        self._redis_clock = clock
         self._intents: dict[str, PurchaseIntent] = {}
         self._intents_lock = threading.Lock()
         #: The batch of each reference read lately, so publishing names it without a read.
@@ -361,6 +375,24 @@ class Ledger:
     @property
     def keys(self) -> Keys:
         return self._keys
+
+    def now(self) -> float:
+        """Redis's clock (epoch seconds): the one every admission time is read on."""
+        if self._redis_clock is not None:
+            return self._redis_clock()
+        seconds, micros = self.redis.time()
+        return float(seconds) + float(micros) / 1_000_000
+
+    def age(self, entry: Entry) -> float:
+        """Seconds since the intent was admitted, on Redis's clock (one round trip).
+
+        An entry admitted before admission times were kept has only the
+        producer's ``submitted_at``: it is read against Redis's clock, never
+        less than zero (such entries are the few in flight during the upgrade).
+        """
+        since = entry.admitted_at if entry.admitted_at is not None \
+            else entry.submitted_at.timestamp()
+        return max(self.now() - since, 0.0)
 
     def admit(self, intent: PurchaseIntent, submitted_at: datetime | None = None) -> Admission:
         """Record a new intent, or say it is a duplicate or a conflicting reuse."""
@@ -382,6 +414,7 @@ class Ledger:
         """The keys and arguments of each intent's admission (the CPU work of ``admit_many``)."""
         now = self._clock()
         submitted = (submitted_at or datetime.fromtimestamp(now, UTC)).isoformat()
+        admitted = "" if self._redis_clock is None else repr(self._redis_clock())
         prepared = []
         for intent in intents:
             document = dump_intent(intent)
@@ -391,7 +424,8 @@ class Ledger:
             prepared.append(PreparedAdmission(keys, [
                 hashlib.sha256(canonical_json(document)).hexdigest(),  # the fingerprint
                 json.dumps(document, separators=(",", ":")), submitted, repr(now),
-                self._retention, intent.reference, uuid.uuid4().hex, intent.batch or ""]))
+                self._retention, intent.reference, uuid.uuid4().hex, intent.batch or "",
+                admitted]))
         return prepared
 
     def send_admissions(self, prepared: Sequence[PreparedAdmission]) -> list[Admission]:
@@ -601,6 +635,7 @@ class Ledger:
             published=fields.get("published") == "1",
             updated_at=float(fields.get("updated_at", 0)),
             batch=fields.get("batch") or None,
+            admitted_at=_float(fields.get("admitted_at")),
             fields=fields,
         )
 

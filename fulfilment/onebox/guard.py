@@ -33,20 +33,32 @@ A call the guard stops is never sent, so it is always safe to repeat: both
 errors are ``HeldBackError``, which the flow does not count as a failure. A
 call that was sent keeps its own classification (``transport``): the guard only
 watches it. Time is Redis's (``TIME``), so machines whose clocks disagree still
-share one limit; tests inject a clock. When Redis cannot be reached the guard
-lets calls through (logged): a call too many is better than a sale not made,
-and Onebox's own 429 still stands behind it.
+share one limit; tests inject a clock.
+
+Clock steps: if Redis's clock steps back, state written before the step lies
+in the future, and the scripts would hold every call of the fleet back for the
+size of the step. So they never trust more than the configuration allows: an
+arrival time further off than ``ONEBOX_RATE_LIMIT_MAX_WAIT`` plus one interval,
+a breaker open for longer than its cool-down from now and a probe held for
+longer than its TTL are clamped to that bound (and written back); a failure
+window that starts in the future is begun again. A step forward needs nothing:
+state in the past is simply over.
+
+When Redis cannot be reached the guard lets calls through (logged): a call too
+many is better than a sale not made, and Onebox's own 429 still stands behind it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -90,17 +102,32 @@ end
 # KEYS: breaker hash, probe key, rate key.
 # ARGV: now (us, or '' for Redis's TIME), breaker on ('1'/'0'), probe token, probe
 # TTL (ms), window (us), interval between calls (us, '0' = no limit), longest wait
-# (us), state TTL (ms), calls made meanwhile without asking (see BREAKER_CACHE).
-# Answers {verdict, microseconds, 1 if this call is the probe}.
+# (us), state TTL (ms), cool-down (us), calls made meanwhile without asking (see
+# BREAKER_CACHE). Answers {verdict, microseconds, 1 if this call is the probe}.
+# Redis's clock may step back (NTP, a VM restored): state written before the step
+# then lies further ahead than the configuration allows, and is clamped to that
+# bound (see "Clock steps" in the module docstring).
 _ADMIT = _NOW + """
 local breaker = ARGV[2] == '1'
+local cooldown = tonumber(ARGV[9])
 local probe = 0
 if breaker then
   local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until'))
   if open_until then
+    -- Never open longer than a cool-down from now: past that, Redis's clock stepped back.
+    if open_until - now > cooldown then
+      open_until = now + cooldown
+      redis.call('HSET', KEYS[1], 'open_until', string.format('%.0f', open_until))
+    end
     if now < open_until then return {1, open_until - now, 0} end
     if not redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4]) then
-      return {2, math.max(redis.call('PTTL', KEYS[2]), 0) * 1000, 0}
+      -- Key expiry is on the wall clock too: a probe never holds longer than its TTL.
+      local left = redis.call('PTTL', KEYS[2])
+      if left > tonumber(ARGV[4]) then
+        redis.call('PEXPIRE', KEYS[2], ARGV[4])
+        left = tonumber(ARGV[4])
+      end
+      return {2, math.max(left, 0) * 1000, 0}
     end
     probe = 1
   end
@@ -110,6 +137,14 @@ local interval = tonumber(ARGV[6])
 if interval > 0 then
   local tat = tonumber(redis.call('GET', KEYS[3])) or now
   if tat < now then tat = now end
+  -- The limiter never owes more than its longest wait plus one call: a later
+  -- arrival time is left by a clock that stepped back. Keep the bound instead.
+  local ceiling = now + tonumber(ARGV[7]) + interval
+  if tat > ceiling then
+    tat = ceiling
+    redis.call('SET', KEYS[3], string.format('%.0f', tat), 'PX',
+               math.ceil((tat - now) / 1000) + 1000)
+  end
   wait = tat - now
   if wait > tonumber(ARGV[7]) then
     if probe == 1 then redis.call('DEL', KEYS[2]) end
@@ -121,8 +156,8 @@ if interval > 0 then
 end
 if breaker and probe == 0 then
   local start = tonumber(redis.call('HGET', KEYS[1], 'window_start'))
-  local calls = 1 + (tonumber(ARGV[9]) or 0)
-  if start and now - start < tonumber(ARGV[5]) then
+  local calls = 1 + (tonumber(ARGV[10]) or 0)
+  if start and start <= now and now - start < tonumber(ARGV[5]) then
     redis.call('HINCRBY', KEYS[1], 'calls', calls)
   else
     redis.call('HSET', KEYS[1], 'window_start', string.format('%.0f', now), 'calls', calls,
@@ -161,7 +196,7 @@ if outcome ~= 'fail' or is_open then return {'none', 0, 0} end
 local start = tonumber(redis.call('HGET', KEYS[1], 'window_start'))
 local failures, calls
 local uncounted = tonumber(ARGV[9]) or 0
-if start and now - start < tonumber(ARGV[7]) then
+if start and start <= now and now - start < tonumber(ARGV[7]) then
   failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
   calls = math.max(redis.call('HINCRBY', KEYS[1], 'calls', uncounted), failures)
 else
@@ -283,7 +318,7 @@ class OneboxGuard:
                 args=[self._now(), "1" if config.breaker_failures else "0", token,
                       int(config.probe_ttl * 1000), int(config.breaker_window * US),
                       self._interval_us, int(config.max_wait * US), self._state_ttl_ms,
-                      uncounted])
+                      int(config.breaker_cooldown * US), uncounted])
         except redis.RedisError as exc:
             self._redis_unavailable(exc)
             return Permit()
@@ -356,7 +391,7 @@ class OneboxGuard:
         raw = {text(k): text(v) for k, v in self._redis.hgetall(self.breaker_key).items()}
         now_us = self._now_us()
         if "open_until" in raw:
-            left = (float(raw["open_until"]) - now_us) / US
+            left = min((float(raw["open_until"]) - now_us) / US, self.config.breaker_cooldown)
             return BreakerState("open" if left > 0 else "half_open", max(left, 0.0))
         return BreakerState("closed", 0.0, int(raw.get("failures", 0)), int(raw.get("calls", 0)))
 
@@ -413,12 +448,59 @@ class _HeldBack:
         return line
 
 
+#: Steps no ``before_send`` hook is about: the token's call (``fulfilment.onebox.auth.STEP``),
+#: made on the way to the call the hook is for.
+UNHOOKED_STEPS = frozenset({"token"})
+
+_BEFORE_SEND: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "onebox_before_send", default=None)
+
+
+@contextmanager
+def before_send(hook: Callable[[], None]) -> Iterator[None]:
+    """Run ``hook`` just before each call made inside goes out.
+
+    That is after the guard let the call through and after its rate-limit wait:
+    never for a call the guard held back, nor for the token's call. The purchase
+    flow marks a call that cannot be repeated as sent here, and checks its run's
+    time, so a wait is neither taken for a send nor left out of the time spent.
+    A hook that raises stops the call unsent. Hooks nest: the outer one runs first.
+    """
+    outer = _BEFORE_SEND.get()
+
+    def both() -> None:
+        if outer is not None:
+            outer()
+        hook()
+
+    token = _BEFORE_SEND.set(both)
+    try:
+        yield
+    finally:
+        _BEFORE_SEND.reset(token)
+
+
 def guarded(guard: OneboxGuard | None, step: str,
             call: Callable[[], requests.Response]) -> requests.Response:
-    """``guard.send(step, call)``, or just ``call()`` when there is no guard."""
+    """``guard.send(step, call)``, or just ``call()`` when there is no guard.
+
+    Every request to Onebox is made through here: ``before_send`` hooks rely on it.
+    """
     call = metrics.onebox_call(step, call)  # counted and timed only if sent
+    hook = None if step in UNHOOKED_STEPS else _BEFORE_SEND.get()
+    if hook is not None:
+        call = _announced(hook, call)
     return call() if guard is None else guard.send(step, call)
 
 
-__all__ = ["BreakerState", "GuardConfig", "OneboxGuard", "Permit", "guarded", "scope_for"]
+def _announced(hook: Callable[[], None],
+               call: Callable[[], requests.Response]) -> Callable[[], requests.Response]:
+    def announced() -> requests.Response:
+        hook()
+        return call()
+    return announced
+
+
+__all__ = ["BreakerState", "GuardConfig", "OneboxGuard", "Permit", "before_send", "guarded",
+           "scope_for"]
 

@@ -16,13 +16,17 @@ import requests
 from fulfilment.config import Settings
 from fulfilment.errors import CircuitOpenError, HeldBackError, RateLimitedError, TransientError
 from fulfilment.keys import Keys
+from fulfilment.onebox import auth
 from fulfilment.onebox.guard import (
     BREAKER_CACHE,
     FAILED,
     OK,
     PROBE_PATIENCE,
+    UNHOOKED_STEPS,
     GuardConfig,
     OneboxGuard,
+    before_send,
+    guarded,
     scope_for,
 )
 
@@ -313,6 +317,58 @@ def test_without_redis_calls_go_through_unguarded(caplog: pytest.LogCaptureFixtu
             response = guard.send("create", Fleet(GuardConfig()).answer(200))
             assert response.status_code == 200
     assert caplog.text.count("calls go unguarded") == 1
+
+
+# --- before_send: just before a call goes out ----------------------------------------
+def test_before_send_runs_after_the_wait_and_never_for_a_call_held_back() -> None:
+    # Given calls that wait for their turn, and one whose turn is too far off
+    fleet = Fleet(GuardConfig(rate_limit=1, max_wait=1.5, breaker_failures=0))
+    guard, seen = fleet.guard(), []
+    with before_send(lambda: seen.append(len(fleet.slept))):
+        guarded(guard, "seats", fleet.answer(200))
+        guarded(guard, "seats", fleet.answer(200))  # waits 1 s first
+        with pytest.raises(RateLimitedError):
+            guarded(guard, "seats", fleet.answer(200))  # 2 s off: held back, not sent
+    # Then the hook ran once per call sent, each time after the call's wait
+    assert seen == [0, 1]
+    fleet.now += 10
+    guarded(guard, "seats", fleet.answer(200))  # outside: no hook
+    assert seen == [0, 1]
+
+
+def test_before_send_skips_the_token_call_and_nests_outer_first() -> None:
+    assert auth.STEP in UNHOOKED_STEPS  # the token's call is made on the way to the call
+    fleet, seen = Fleet(GuardConfig(breaker_failures=0)), []
+    with before_send(lambda: seen.append("outer")), before_send(lambda: seen.append("inner")):
+        guarded(None, auth.STEP, fleet.answer(200))
+        guarded(None, "pre_confirm", fleet.answer(200))
+    assert seen == ["outer", "inner"]
+
+
+def test_a_hook_that_raises_stops_the_call_unsent_and_frees_the_probe() -> None:
+    # Given a breaker whose cool-down is over: the next call is the probe
+    fleet = breaker_fleet()
+    guard = fleet.guard()
+    for _ in range(5):
+        guard.send("create", fleet.answer(503))
+    fleet.now += 31
+    sent: list[int] = []
+
+    def call() -> requests.Response:
+        sent.append(1)
+        return fleet.answer(200)()
+
+    def out_of_time() -> None:
+        raise TransientError("this run's time is up")
+
+    # When the caller's hook stops it just before it goes out
+    with before_send(out_of_time), pytest.raises(TransientError):
+        guarded(guard, "create", call)
+    # Then nothing was sent, and another call may probe at once
+    assert sent == []
+    assert guard.state().status == "half_open"
+    guarded(guard, "create", call)
+    assert sent == [1] and guard.state().status == "closed"
 
 
 # --- wiring ------------------------------------------------------------------------
