@@ -164,7 +164,8 @@ DROPPED_AT_OUTCOME = ("intent", "pending", "buyer_set", "basket_ttl", "orphans",
 #: submission); status (those, the times, counts and codes); settle and refunds
 #: (order_id, code, item_ids, basket_expires, confirm_sent); batch status and
 #: publishing (outcome, published, batch).
-KEPT_AFTER_OUTCOME = ("fingerprint", "submission", "submitted_at", "updated_at", "order_id",
+KEPT_AFTER_OUTCOME = ("fingerprint", "submission", "submitted_at", "admitted_at", "updated_at",
+                      "order_id",
                       "code", "item_ids", "items_done", "confirm_sent", "baskets",
                       "basket_expires", "attempts", "outcome", "published", "batch")
 
