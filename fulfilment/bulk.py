@@ -155,8 +155,8 @@ class CsvReader(Reader):
             try:
                 cells = next(csv.reader([text], strict=True), [])
             except csv.Error as exc:
-                yield _Row(self._line, None, text, f"cannot be read as CSV ({exc}): a quote "
-                           "that does not close on its line?")
+                hint = "; a quote may not close on its line" if '"' in text else ""
+                yield _Row(self._line, None, text, f"cannot be read as CSV ({exc}){hint}")
                 continue
             yield _Row(self._line, cells, text, "is not valid UTF-8" if undecodable else None)
 
