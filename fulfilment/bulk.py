@@ -21,6 +21,13 @@ field; a column not listed here is refused before anything is submitted):
 Consecutive rows with the same reference are one intent with several items;
 its other columns are given on its first row (later rows leave them empty or
 repeat them).
+
+Every line ends accounted for: admitted, duplicate, or refused with its line
+number. A row is one line (a cell cannot span lines), read on its own: a
+quote that does not close on its line, a line over ``MAX_MESSAGE_BYTES``,
+bytes that are not UTF-8, or more cells than the header names refuse that
+line and the intent it belongs to, and the file goes on. Blank lines and rows
+of empty cells are skipped.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ ITEM_COLUMNS = ("session_id", "price_type_id", "quantity", "rate_id", "seats")
 ID_COLUMNS = ("session_id", "price_type_id", "quantity", "rate_id")
 #: More items than this are refused by the contract; a reader keeps no more in memory.
 MAX_ITEMS_KEPT = 21
+#: Unreadable lines held back to be reported after the intent they follow, at most.
+MAX_HELD_BACK = 1000
 _DIGITS = re.compile(r"[0-9]{1,16}")
 _SEAT = re.compile(r"([0-9]{1,16}):([0-9]{1,16})")
 _SEAT_SEPARATORS = re.compile(r"[\s;,]+")
@@ -118,54 +127,154 @@ class JsonlReader(Reader):
 
 
 class CsvReader(Reader):
-    """One item per row, under a header row (see the module docstring)."""
+    """One item per row, under a header row (see the module docstring).
+
+    One row is one line: each line is read as CSV on its own, so a quote that
+    does not close on its line, a line longer than an intent may be, or bytes
+    that are not UTF-8 refuse that line (and the intent it belongs to), never
+    the lines after it, and never stop the file. A cell cannot span lines.
+    """
 
     def __init__(self, stream: IO[bytes]) -> None:
         super().__init__(stream)
-        self._undecodable: set[int] = set()
         self._line = 0
 
-    def _text(self) -> Iterator[str]:
-        for line in self._lines():
+    def _rows(self) -> Iterator[_Row]:
+        """Each line, numbered, as cells; or, for a line CSV cannot read, why not."""
+        while line := self._stream.readline(MAX_MESSAGE_BYTES + 2):
             self._line += 1
+            self.bytes_read += len(line)
+            if len(line) > MAX_MESSAGE_BYTES + 1 and not line.endswith(b"\n"):
+                size = len(line) + self._skip_rest_of_line()
+                yield _Row(self._line, None, _decode(line)[0],
+                           f"is {size} bytes, more than an intent may be ({MAX_MESSAGE_BYTES})")
+                continue
+            text, undecodable = _decode(line)
+            if self._line == 1:
+                text = text.removeprefix("\ufeff")
             try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                self._undecodable.add(self._line)
-                text = line.decode("utf-8", "replace")
-            yield text.removeprefix("\ufeff") if self._line == 1 else text
+                cells = next(csv.reader([text], strict=True), [])
+            except csv.Error as exc:
+                hint = "; a quote may not close on its line" if '"' in text else ""
+                yield _Row(self._line, None, text, f"cannot be read as CSV ({exc}){hint}")
+                continue
+            yield _Row(self._line, cells, text, "is not valid UTF-8" if undecodable else None)
+
+    def _skip_rest_of_line(self) -> int:
+        skipped = 0
+        while chunk := self._stream.readline(1 << 16):
+            skipped += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+        self.bytes_read += skipped
+        return skipped
 
     def __iter__(self) -> Iterator[Record]:
-        try:
-            yield from self._records()
-        except csv.Error as exc:  # a field over csv's size limit, a stray quote at the end
-            raise BulkFileError(f"line {self._line}: the CSV cannot be read: {exc}") from None
-
-    def _records(self) -> Iterator[Record]:
-        rows = csv.reader(self._text())
+        rows = self._rows()
         header = next(rows, None)
         if header is None:
             return
-        columns = [name.strip() for name in header]
+        if header.cells is None:
+            raise BulkFileError(f"line 1, the CSV header, {header.problem}")
+        columns = [name.strip() for name in header.cells]
         check_columns(columns)
-        group: _Group | None = None
-        first_line = rows.line_num + 1
-        for cells in rows:
-            line, first_line = first_line, rows.line_num + 1
-            row = {name: cell.strip() for name, cell in zip(columns, cells, strict=False)
-                   if cell.strip()}
-            if not row:
-                continue
-            undecodable = line in self._undecodable
-            reference = row.get("reference")
-            if group is not None and reference and reference == group.reference:
-                group.add(row, undecodable)
-                continue
-            if group is not None:
-                yield group.record()
-            group = _Group(line, row, undecodable)
-        if group is not None:
-            yield group.record()
+        grouping = _Grouping(columns)
+        for row in rows:
+            yield from grouping.add(row)
+        yield from grouping.close()
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One line of a CSV file: its cells, or None when CSV cannot read it, and why."""
+
+    line: int
+    cells: list[str] | None
+    text: str
+    problem: str | None = None
+
+
+def _decode(line: bytes) -> tuple[str, bool]:
+    try:
+        return line.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return line.decode("utf-8", "replace"), True
+
+
+class _Grouping:
+    """Turns rows into intents: consecutive rows with one reference are one intent.
+
+    A row that cannot be read refuses the intent it belongs to. Its reference
+    is read from the cells before the first quote, when the reference column
+    is among them; when it cannot be, the row might belong to the intent just
+    before it or just after it, so both are refused with it (refusing is
+    harmless: the corrected file submitted again takes them in), and an
+    intent is never bought with one of its items missing.
+    """
+
+    def __init__(self, columns: list[str]) -> None:
+        self._columns = columns
+        self._reference_at = columns.index("reference")
+        self._group: _Group | None = None
+        self._unreadable: int | None = None  # the last line whose intent is unknown
+        self._after: list[Record] = []  # unreadable lines after the open intent's rows
+
+    def add(self, row: _Row) -> Iterator[Record]:
+        problem: str | None
+        if row.cells is None:
+            reference = self._reference_of(row.text)
+            problem = f"Line {row.line} {row.problem}."
+            if reference is None:
+                self._unreadable = row.line
+                record = Record(row.line, None, None, {"_schema": [problem]})
+                if self._group is None:
+                    yield record
+                    return
+                self._group.refuse(f"Line {row.line}, after this intent's rows, {row.problem}"
+                                   "; it may be one of them.")
+                self._after.append(record)  # reported after the intent, in line order
+                if len(self._after) >= MAX_HELD_BACK:
+                    yield from self.close()
+                return
+            values: dict[str, str] = {"reference": reference}
+        else:
+            values = {name: cell.strip() for name, cell in zip(self._columns, row.cells,
+                                                               strict=False) if cell.strip()}
+            if not values:
+                return  # a blank line, or a row of empty cells: nothing to account for
+            problem = f"Line {row.line} {row.problem}." if row.problem else None
+            extra = [cell for cell in row.cells[len(self._columns):] if cell.strip()]
+            if extra:
+                problem = (f"Line {row.line} has {len(self._columns) + len(extra)} cells, the "
+                           f"header names {len(self._columns)}: a comma in a cell that "
+                           "is not quoted?")
+        reference = values.get("reference")
+        group = self._group
+        if group is not None and reference and reference == group.reference:
+            group.add(row.line, values, problem)
+            self._unreadable = None  # a line between its rows was one of them, if any
+            return
+        yield from self.close()
+        self._group = _Group(row.line, values, problem)
+        if self._unreadable is not None:
+            self._group.refuse(f"Line {self._unreadable}, before this intent's rows, cannot be "
+                               "read; it may be one of them.")
+            self._unreadable = None
+
+    def close(self) -> Iterator[Record]:
+        """The open intent's record, then the unreadable lines that came after it."""
+        if self._group is not None:
+            yield self._group.record()
+            self._group = None
+        yield from self._after
+        self._after.clear()
+
+    def _reference_of(self, text: str) -> str | None:
+        """The reference cell of a line CSV cannot read, if it comes before any quote."""
+        cells = re.split(r'["\r\n]', text, maxsplit=1)[0].split(",")[:-1]
+        if self._reference_at >= len(cells):
+            return None
+        return cells[self._reference_at].strip() or None
 
 
 def check_columns(columns: list[str]) -> None:
@@ -185,7 +294,7 @@ def check_columns(columns: list[str]) -> None:
 class _Group:
     """The rows of one intent (consecutive rows with one reference)."""
 
-    def __init__(self, line: int, row: dict[str, str], undecodable: bool) -> None:
+    def __init__(self, line: int, row: dict[str, str], problem: str | None) -> None:
         self.line = line
         self.reference = row.get("reference")
         self.first = {name: value for name, value in row.items()
@@ -193,18 +302,23 @@ class _Group:
         self.items: list[dict[str, Any]] = []
         self.errors: dict[str, Any] = {}
         self.count = 0
-        self.add(row, undecodable, first=True)
+        self.add(line, row, problem, first=True)
 
-    def add(self, row: dict[str, str], undecodable: bool, *, first: bool = False) -> None:
+    def refuse(self, message: str) -> None:
+        self.errors.setdefault("_schema", []).append(message)
+
+    def add(self, line: int, row: dict[str, str], problem: str | None, *,
+            first: bool = False) -> None:
         index = self.count
         self.count += 1
-        if undecodable:
-            self.errors.setdefault("_schema", []).append(f"Row {index + 1} is not valid UTF-8.")
+        if problem:
+            self.refuse(problem)
+            return
         if not first:
             for name, value in row.items():
                 if name not in ITEM_COLUMNS and self.first.get(name) != value:
                     self.errors.setdefault(name, []).append(
-                        f"Differs from the intent's first row (row {index + 1}).")
+                        f"Differs from the intent's first row (line {line}).")
         if index >= MAX_ITEMS_KEPT:
             return  # the contract refuses the intent for its item count anyway
         item, errors = _item(row)
@@ -295,15 +409,18 @@ def batch_named(record: Record) -> str | None:
 def default_batch(path: Path | None) -> str:
     """A batch id for an upload that names none.
 
-    For a file, its name and a digest of its bytes (read once, in blocks): the
-    same file submitted again is the same batch, so its intents are duplicates,
-    not conflicts. For standard input, the time and a random part.
+    For a file, its name and a digest of its resolved path (never of its
+    content, nor of the time): the same file is the file at the same place,
+    so a file submitted again, as it was or corrected in place, is the same
+    batch, its lines already taken come back as duplicates and its corrected
+    lines join them. A copy elsewhere is another batch (its intents are
+    duplicates still: a batch is no part of an intent's identity); another
+    file at a path used before (a daily export overwritten in place) is the
+    same batch: name the batch (``--batch``) to keep such uploads apart. For
+    standard input, the time and a random part.
     """
     if path is None:
         return f"upload-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
+    place = str(path.resolve()).encode("utf-8", "surrogateescape")
     stem = _BATCH_UNSAFE.sub("-", path.stem).strip("-.:_")[:48] or "file"
-    return f"{stem}-{digest.hexdigest()[:12]}"
+    return f"{stem}-{hashlib.sha256(place).hexdigest()[:12]}"

@@ -42,6 +42,7 @@ class DrainReport:
     accepted: int = 0
     duplicates: int = 0
     refused: int = 0
+    awaiting_dispatch: int = 0  # of the accepted: the broker did not take them (yet)
 
     @property
     def total(self) -> int:
@@ -85,8 +86,9 @@ class Intake:
             except redis.exceptions.LockError:
                 log.warning("the intake's lock expired while it was drained")
         if report.total:
-            log.info("intake: %d accepted, %d duplicates, %d refused", report.accepted,
-                     report.duplicates, report.refused)
+            log.info("intake: %d accepted (%d wait for dispatch), %d duplicates, %d refused",
+                     report.accepted, report.awaiting_dispatch, report.duplicates,
+                     report.refused)
         return report
 
     def _take(self, raw: bytes | str, report: DrainReport) -> None:
@@ -95,8 +97,10 @@ class Intake:
         Whatever the message holds, it leaves the processing list: a message
         that cannot be read (not JSON, not an intent, too large, an unknown
         ``schema_version``) would otherwise be taken first by every drain and
-        stall the intake for good. Only Redis or the broker failing (raised)
-        leaves it there, to be taken again by the next drain.
+        stall the intake for good. Only Redis failing, or the broker refusing
+        a refused message's report (raised), leaves it there, to be taken again
+        by the next drain. An admitted intent whose dispatch the broker refused
+        is taken: it waits in the ledger for the recovery sweep.
         """
         refusal = self._refusal(raw, report)
         if refusal is not None:
@@ -123,6 +127,7 @@ class Intake:
             return exc.message, {}
         if submission.status == ACCEPTED:
             report.accepted += 1
+            report.awaiting_dispatch += submission.awaiting_dispatch
         elif submission.status == DUPLICATE:
             report.duplicates += 1
         return None

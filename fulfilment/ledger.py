@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextvars
 import enum
-import hashlib
 import json
 import threading
 import time
@@ -56,8 +55,7 @@ from fulfilment import metrics
 from fulfilment.errors import PermanentError, TransientError
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
-from schemas import canonical_json
-from schemas.intent import PurchaseIntent, dump_intent, load_intent
+from schemas.intent import PurchaseIntent, dump_intent, intent_fingerprint, load_intent
 from schemas.result import OrderResult, dump_result, load_result
 
 #: Decoded intents kept per process, oldest dropped first.
@@ -423,7 +421,7 @@ class Ledger:
             if intent.batch:
                 keys += self._batch_keys(intent.batch)
             prepared.append(PreparedAdmission(keys, [
-                hashlib.sha256(canonical_json(document)).hexdigest(),  # the fingerprint
+                intent_fingerprint(document),  # one rule on every way in: no batch
                 json.dumps(document, separators=(",", ":")), submitted, repr(now),
                 self._retention, intent.reference, uuid.uuid4().hex, intent.batch or "",
                 admitted]))

@@ -14,11 +14,14 @@ import dataclasses
 import itertools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+from kombu.exceptions import OperationalError
 from marshmallow import ValidationError
 
 from fulfilment.errors import InvalidMessageError, PermanentError
@@ -47,6 +50,9 @@ class Submission:
     status: str  # accepted | duplicate | refused
     errors: Mapping[str, Any] = field(default_factory=dict)
     reason: str | None = None
+    #: Accepted (admitted), but the broker did not take its purchase: it waits in the
+    #: ledger, and the recovery sweep starts it (``FULFILMENT_STUCK_AFTER``).
+    awaiting_dispatch: bool = False
 
 
 def parse_intent(raw: RawIntent, *, max_quantity: int) -> PurchaseIntent:
@@ -84,6 +90,12 @@ def reference_of(raw: RawIntent) -> str | None:
 
 #: Intents admitted per Redis round trip (and dispatched per fan-out message).
 CHUNK = 500
+#: What a dispatch raises when the broker did not take the message: the
+#: intents stay admitted (admission is the acceptance) and wait for the sweep.
+DISPATCH_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError,
+                                                TimeoutError, redis.RedisError)
+#: Seconds a producer stops trying the broker after it refused a dispatch.
+DISPATCH_RETRY_AFTER = 5.0
 
 
 class Producer:
@@ -92,16 +104,24 @@ class Producer:
     ``dispatch`` starts the purchase of one admitted reference; ``dispatch_many``
     of many at once (one broker message for all: see ``tasks.purchase``). Either
     may fail after admission: the intents stay admitted, and the recovery sweep
-    resumes any admitted intent whose dispatch was lost.
+    resumes any admitted intent whose dispatch was lost. A dispatch the broker
+    refuses (``DISPATCH_ERRORS``) is no failure of the submission: its intents
+    are reported accepted, ``awaiting_dispatch``, with one warning when the
+    broker starts refusing and one line when it takes messages again; the
+    producer tries it again ``DISPATCH_RETRY_AFTER`` seconds later, not sooner,
+    so a file goes on at Redis's pace while the broker is away.
     """
 
     def __init__(self, ledger: Ledger, dispatch: Callable[[str], None], *,
                  max_quantity: int,
-                 dispatch_many: Callable[[Sequence[str]], None] | None = None) -> None:
+                 dispatch_many: Callable[[Sequence[str]], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._ledger = ledger
         self._dispatch = dispatch
         self._dispatch_many = dispatch_many
         self._max_quantity = max_quantity
+        self._clock = clock
+        self._broker_refused_at: float | None = None
 
     @property
     def max_quantity(self) -> int:
@@ -117,8 +137,8 @@ class Producer:
         if admission is Admission.DUPLICATE:
             log.info("intent %s is a duplicate; taken once already", intent.reference)
             return Submission(intent.reference, DUPLICATE)
-        self._dispatch(intent.reference)
-        return Submission(intent.reference, ACCEPTED)
+        started = self._start([intent.reference])
+        return Submission(intent.reference, ACCEPTED, awaiting_dispatch=not started)
 
     def submit_many(self, intents: Iterable[RawIntent], *, batch: str | None = None,
                     chunk: int = CHUNK) -> Iterator[Submission]:
@@ -160,7 +180,7 @@ class Producer:
     def _complete(self, admitting: Future[list[Admission]],
                   prepared: _Chunk) -> list[Submission]:
         answers = prepared.answers
-        accepted: list[str] = []
+        accepted: dict[int, str] = {}  # index in the chunk: reference
         for index, intent, admission in zip(prepared.indexes, prepared.intents,
                                             admitting.result(), strict=True):
             if admission is Admission.CONFLICT:
@@ -170,15 +190,40 @@ class Producer:
                 log.info("intent %s is a duplicate; taken once already", intent.reference)
                 answers[index] = Submission(intent.reference, DUPLICATE)
             else:
-                accepted.append(intent.reference)
-                answers[index] = Submission(intent.reference, ACCEPTED)
-        if accepted:
-            if self._dispatch_many is not None:
-                self._dispatch_many(accepted)
-            else:
-                for reference in accepted:
-                    self._dispatch(reference)
+                accepted[index] = intent.reference
+        started = bool(accepted) and self._start(list(accepted.values()), fan_out=True)
+        for index, reference in accepted.items():
+            answers[index] = Submission(reference, ACCEPTED, awaiting_dispatch=not started)
         return [answer for answer in answers if answer is not None]
+
+    def _start(self, references: Sequence[str], *, fan_out: bool = False) -> bool:
+        """Dispatch admitted intents; False if the broker did not take them.
+
+        A fan-out is one message: the broker takes all of it or none. One by
+        one, the first refusal stops the rest (those sent are started twice at
+        worst, by the sweep: harmless, as any redelivered chain is).
+        """
+        now = self._clock()
+        refused_at = self._broker_refused_at
+        if refused_at is not None and now - refused_at < DISPATCH_RETRY_AFTER:
+            return False
+        try:
+            if fan_out and self._dispatch_many is not None:
+                self._dispatch_many(references)
+            else:
+                for reference in references:
+                    self._dispatch(reference)
+        except DISPATCH_ERRORS as exc:
+            if refused_at is None:
+                log.warning("the broker did not take a dispatch (%s): admitted intents wait "
+                            "in the ledger for the recovery sweep until it is back",
+                            type(exc).__name__)
+            self._broker_refused_at = now
+            return False
+        if refused_at is not None:
+            log.warning("the broker takes dispatches again")
+            self._broker_refused_at = None
+        return True
 
 
 @dataclass

@@ -134,16 +134,8 @@ class PurchaseIntent:
     schema_version: int = 1
 
     def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON of this intent: tells a redelivery from a conflict.
-
-        The ``batch`` is left out: it groups intents for reporting and is not
-        part of the purchase, so the same intent uploaded again in another
-        batch (a file resubmitted under another name) is a duplicate, not a
-        conflict.
-        """
-        document = dump_intent(self)
-        document.pop("batch", None)
-        return hashlib.sha256(canonical_json(document)).hexdigest()
+        """SHA-256 of the canonical JSON of this intent: see ``intent_fingerprint``."""
+        return intent_fingerprint(dump_intent(self))
 
 
 class SeatSchema(StrictSchema):
@@ -354,6 +346,19 @@ def load_intent(data: Mapping[str, Any] | str | bytes, *,
     """
     document = parse_message(data, MAX_MESSAGE_BYTES)
     return cast(PurchaseIntent, intent_schema(max_quantity).load(document))
+
+
+def intent_fingerprint(document: Mapping[str, Any]) -> str:
+    """SHA-256 of an intent's canonical JSON (``dump_intent``) without its ``batch``.
+
+    Tells a redelivery (a duplicate) from a reference reused for another
+    purchase (a conflict), on every way in: the ledger's admission uses it.
+    The ``batch`` is left out: it groups intents for reporting and is not part
+    of the purchase, so the same intent sent again without a batch, or in
+    another batch, is a duplicate, not a conflict.
+    """
+    return hashlib.sha256(canonical_json(
+        {key: value for key, value in document.items() if key != "batch"})).hexdigest()
 
 
 def dump_intent(intent: PurchaseIntent) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter, deque
@@ -136,14 +137,16 @@ def _report(outcomes: list[OrderResult], expected: int, elapsed: float, quiet: b
 @click.option("--batch", "batch_id", default=None,
               help="Batch id of this upload (intents without one join it; one naming another "
                    "is refused). Default: the batch the first intent names, else the file's "
-                   "name and a digest of its content.")
+                   "name and a digest of its resolved path (the same file, even corrected, "
+                   "is the same batch).")
 @click.option("--wait", is_flag=True,
               help="Then follow the batch until every intent has an outcome; print a summary "
                    "and write the results file.")
 @click.option("--results", "results_path", default=None,
               type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="With --wait: where to write the results, one JSON line each "
-                   "[default: BATCH.results.jsonl].")
+                   "[default: BATCH.results.jsonl next to the input file; required when "
+                   "reading standard input].")
 @click.option("--wait-timeout", type=float, default=None,
               help="With --wait: give up after this many seconds (exit 1) [default: none].")
 @click.option("--chunk", type=click.IntRange(1, 10_000), default=CHUNK, show_default=True,
@@ -154,9 +157,12 @@ def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
            quiet: bool) -> None:
     """Submit the intents of a JSONL or CSV file ('-' for stdin), streamed in chunks.
 
-    Refused lines are listed with their line number, field and reason, and the
-    rest go on; the exit code is 1 if any was refused (or, with --wait, if any
-    intent is unsettled or the wait timed out).
+    Every line ends accounted for: admitted, duplicate, or refused with its
+    line number, field and reason; the rest go on. Admitted is accepted: an
+    intent whose dispatch the broker refused is kept and started by the
+    recovery sweep, and the summary says how many wait. The exit code is 1 if
+    any line was refused (or, with --wait, if any intent is unsettled or the
+    wait timed out).
     """
     from fulfilment.bulk import (
         BulkFileError,
@@ -169,8 +175,12 @@ def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
     if batch_id is not None and not BATCH_ID.fullmatch(batch_id):
         raise click.BadParameter("a batch id is 1-64 of A-Z a-z 0-9 . _ : -",
                                  param_hint="--batch")
-    _require_durable()
     path = None if source == "-" else Path(source)
+    if wait and path is None and results_path is None:
+        raise click.BadParameter("with --wait from standard input, say where the results go",
+                                 param_hint="--results")
+    _require_durable()
+    upload = _Upload(quiet=quiet)
     with contextlib.ExitStack() as stack:
         stream: IO[bytes] = sys.stdin.buffer if path is None else \
             stack.enter_context(path.open("rb"))
@@ -181,72 +191,120 @@ def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
             batch = batch_id or (first and batch_named(first)) or default_batch(path)
             click.echo(f"batch {batch}")
             click.echo(_destination())
+            if wait:
+                results_path = _results_file(results_path, path, batch)
+                click.echo(f"results to {results_path} once every intent has an outcome")
             total = path.stat().st_size if path is not None and path.is_file() else None
             progress = stack.enter_context(
                 Progress("submitting", total, "intents", terminal=False if quiet else None,
                          every=3600.0 if quiet else 5.0))
-            counts = _submit_records(
-                itertools.chain([first] if first else [], records), reader=reader, batch=batch,
-                chunk=chunk, quiet=quiet, progress=progress)
-        except BulkFileError as exc:
+            upload.run(itertools.chain([first] if first else [], records), reader=reader,
+                       batch=batch, chunk=chunk, progress=progress)
+        except BulkFileError as exc:  # the header: nothing was submitted
             raise click.ClickException(exc.message) from None
         except (redis.RedisError, OperationalError, ConnectionError) as exc:
-            click.echo(f"stopped: {type(exc).__name__} talking to Redis or the broker. The "
-                       f"intents admitted so far are kept (the recovery sweep starts any whose "
-                       f"dispatch was lost); submit again with --batch {batch} to go on: "
-                       "lines already taken are duplicates.", err=True)
+            upload.stopped(type(exc).__name__)
             raise SystemExit(1) from None
-    click.echo(f"{counts[ACCEPTED]} enqueued, {counts[DUPLICATE]} duplicates, "
-               f"{counts[REFUSED]} refused")
-    failed = bool(counts[REFUSED])
+    upload.summary()
+    failed = bool(upload.counts[REFUSED])
     if wait:
         failed = not _wait_for_batch(batch, results_path, wait_timeout, quiet) or failed
     if failed:
         raise SystemExit(1)
 
 
-def _submit_records(records: Iterator[Record], *, reader: Reader, batch: str, chunk: int,
-                    quiet: bool, progress: Progress) -> Counter[str]:
-    """Submit the reader's records as one stream; report refused lines as they come.
+def _results_file(given: Path | None, source: Path | None, batch: str) -> Path:
+    """Where ``--wait`` writes the results: as given, else next to the input file.
+
+    Checked before anything is submitted, so an upload never waits an hour to
+    find it cannot write its results.
+    """
+    path = given or (source or Path()).parent / f"{batch}.results.jsonl"
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise click.ClickException(f"cannot write the results to {path} (no such directory, "
+                                   "or not writable): say where with --results PATH")
+    return path
+
+
+class _Upload:
+    """One upload's stream of records and what became of each, line by line.
 
     The records on their way (at most about two chunks: the producer reads one
     ahead) wait in a queue to be matched with their submissions, in order; a
-    record refused by the reader itself is reported in its place.
+    record refused by the reader itself is reported in its place. The counts
+    stay right whatever stops the upload: ``stopped`` says what was taken and
+    from which line on nothing is known.
     """
-    from tasks.producer import producer
 
-    counts: Counter[str] = Counter()
-    waiting: deque[Record] = deque()
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+        self.counts: Counter[str] = Counter()
+        self.awaiting_dispatch = 0
+        self.waiting: deque[Record] = deque()
 
-    def sendable() -> Iterator[bytes | dict[str, Any]]:
-        for record in records:
-            waiting.append(record)
-            if record.raw is not None:
-                yield record.raw
+    def run(self, records: Iterator[Record], *, reader: Reader, batch: str, chunk: int,
+            progress: Progress) -> None:
+        from tasks.producer import producer
 
-    def report(record: Record, submission: Submission) -> None:
-        counts[submission.status] += 1
+        def sendable() -> Iterator[bytes | dict[str, Any]]:
+            for record in records:
+                self.waiting.append(record)
+                if record.raw is not None:
+                    yield record.raw
+
+        for number, submission in enumerate(
+                producer().submit_many(sendable(), batch=batch, chunk=chunk), start=1):
+            self._unreadable()
+            self._report(self.waiting.popleft(), submission)
+            if number % chunk == 0:
+                progress.update(reader.bytes_read, sum(self.counts.values()))
+        self._unreadable()
+        progress.update(reader.bytes_read, sum(self.counts.values()))
+
+    def _report(self, record: Record, submission: Submission) -> None:
+        self.counts[submission.status] += 1
+        self.awaiting_dispatch += submission.awaiting_dispatch
         if submission.status == REFUSED:
             _say_refused(record.line, submission)
-        elif not quiet and submission.status == DUPLICATE:
+        elif not self.quiet and submission.status == DUPLICATE:
             click.echo(f"line {record.line}: {submission.reference}: duplicate, "
                        "taken once already")
 
-    def unreadable() -> None:
-        while waiting and waiting[0].raw is None:
-            record = waiting.popleft()
-            report(record, Submission(record.reference, REFUSED, record.errors,
-                                      "invalid purchase intent"))
+    def _unreadable(self) -> None:
+        while self.waiting and self.waiting[0].raw is None:
+            record = self.waiting.popleft()
+            self._report(record, Submission(record.reference, REFUSED, record.errors,
+                                            "invalid purchase intent"))
 
-    for number, submission in enumerate(
-            producer().submit_many(sendable(), batch=batch, chunk=chunk), start=1):
-        unreadable()
-        report(waiting.popleft(), submission)
-        if number % chunk == 0:
-            progress.update(reader.bytes_read, sum(counts.values()))
-    unreadable()
-    progress.update(reader.bytes_read, sum(counts.values()))
-    return counts
+    def summary(self) -> None:
+        """The counts; the last line starts with the number admitted."""
+        admitted, awaiting = self.counts[ACCEPTED], self.awaiting_dispatch
+        if awaiting:
+            from tasks import runtime
+
+            stuck_after = runtime.services().settings.stuck_after
+            click.echo(f"the broker did not take the purchases of {awaiting:,} admitted "
+                       "intents: they are kept in the ledger and started when the broker is "
+                       "back (the recovery sweep resumes an admitted intent without a task "
+                       f"after FULFILMENT_STUCK_AFTER, {stuck_after:g} s)", err=True)
+            taken = f"{admitted} admitted ({admitted - awaiting} enqueued, {awaiting} wait " \
+                    "for dispatch)"
+        else:
+            taken = f"{admitted} enqueued"
+        click.echo(f"{taken}, {self.counts[DUPLICATE]} duplicates, "
+                   f"{self.counts[REFUSED]} refused")
+
+    def stopped(self, error: str) -> None:
+        """Redis or the broker failed mid-file: what was taken, and where to go on from."""
+        where = (f"from line {self.waiting[0].line} on, nothing is known (the last chunk "
+                 "may have been admitted)" if self.waiting else "nothing more was read")
+        click.echo(f"stopped: {error} talking to Redis or the broker; {where}. Before that:",
+                   err=True)
+        self.summary()
+        click.echo("What was admitted stays admitted (the recovery sweep starts any whose "
+                   "dispatch was lost). Run the same command again to go on: it is the same "
+                   "batch, and the lines already taken come back as duplicates.", err=True)
 
 
 def _wait_for_batch(batch: str, results_path: Path | None, timeout: float | None,
@@ -269,7 +327,7 @@ def _wait_for_batch(batch: str, results_path: Path | None, timeout: float | None
             status = batch_status(client, keys, batch)
             bar.update(status.outcomes, status.outcomes)
     click.echo("\n".join(describe(status)))
-    path = results_path or Path(f"{batch}.results.jsonl")
+    path = results_path or Path(f"{batch}.results.jsonl")  # always given by submit
     written = 0
     with path.open("w", encoding="utf-8") as out:
         for result in batch_outcomes(client, keys, batch):

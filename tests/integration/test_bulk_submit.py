@@ -149,7 +149,9 @@ def test_a_csv_file_is_bought_and_its_status_read_from_another_process(
     # Given a worker and a CSV file: numbered and automatic items, a two-row
     # intent, and a row whose seats cannot be read
     cluster.start_worker()
-    source = cluster.tmp / "orders.csv"
+    incoming = cluster.tmp / "incoming"
+    incoming.mkdir()
+    source = incoming / "orders.csv"
     source.write_text(
         "reference,session_id,price_type_id,quantity,rate_id,seats,buyer_email,buyer_name,"
         "metadata_row\n"
@@ -158,11 +160,14 @@ def test_a_csv_file_is_bought_and_its_status_read_from_another_process(
         "csv-2,1002,4,1,,,,,\n"
         "csv-3,,,,,1001-3103,eva@example.net,,three\n"
         "csv-4,1002,3,1,3,,eva@example.net,,four\n")
-    results = cluster.tmp / "csv-results.jsonl"
-    # When it is submitted with --wait
-    done = run(cluster, "submit", str(source), "--batch", "csv-b", "--wait", "--results",
-               str(results), timeout=240)
-    # Then the bad row is reported by line and field, the rest are confirmed
+    # When it is submitted with --wait (run from another directory, no --results)
+    done = run(cluster, "submit", str(source), "--batch", "csv-b", "--wait", timeout=240)
+    # Then the results go next to the input file, as the output says from the start
+    results = incoming / "csv-b.results.jsonl"
+    assert f"results to {results} once every intent has an outcome" in done.stdout
+    assert f"3 results written to {results}" in done.stdout
+    assert not (Path.cwd() / results.name).exists()  # never where it is run
+    # And the bad row is reported by line and field, the rest are confirmed
     assert done.returncode == 1, done.stderr
     assert "line 5: csv-3: refused: items.0.seats: Each seat must be" in done.stderr
     assert "3 enqueued, 0 duplicates, 1 refused" in done.stdout
@@ -176,3 +181,83 @@ def test_a_csv_file_is_bought_and_its_status_read_from_another_process(
     inventory = cluster.sandbox.admin.inventory(1001)
     assert inventory["seats"]["3101"] == inventory["seats"]["3102"] == "SOLD"
     assert run(cluster, "batch", "status", "no-such-batch").returncode == 1
+
+
+CSV_HEADER = "reference,session_id,price_type_id,quantity,buyer_email,buyer_name\n"
+
+
+def csv_line(number: int, name: str = "Ana") -> str:
+    return f"fix-{number},1002,3,1,fix-{number}@example.com,{name}\n"
+
+
+def test_every_line_of_a_broken_csv_is_accounted_for_and_the_corrected_file_is_its_batch(
+        cluster: Cluster) -> None:
+    # Given a CSV file (no worker: submission alone) with a stray quote on line 4 and a
+    # cell over the csv module's 131,072 characters on line 7, between valid lines
+    source = cluster.tmp / "orders.csv"
+    lines = [csv_line(n) for n in range(2, 12)]
+    lines[2] = csv_line(4, '"Luis')
+    lines[5] = csv_line(7, "x" * 140_000)
+    source.write_text(CSV_HEADER + "".join(lines))
+    # When it is submitted
+    first = run(cluster, "submit", "--quiet", str(source))
+    # Then both bad lines are refused by number, every other line is admitted, and the
+    # counts are printed
+    assert first.returncode == 1, first.stderr
+    assert "line 4: fix-4: refused: message: Line 4 cannot be read as CSV" in first.stderr
+    assert "line 7: fix-7: refused: message: Line 7 is 140" in first.stderr
+    assert "Luis" not in first.stderr and "xxxx" not in first.stderr
+    assert first.stdout.splitlines()[-1] == "8 enqueued, 0 duplicates, 2 refused"
+    batch = first.stdout.splitlines()[0]
+    # When the file is corrected in place and submitted again, without naming a batch
+    lines[2], lines[5] = csv_line(4, "Luis"), csv_line(7, "Eva")
+    source.write_text(CSV_HEADER + "".join(lines))
+    again = run(cluster, "submit", "--quiet", str(source))
+    # Then it is the same batch: the lines taken before are duplicates, the corrected
+    # ones join them, and the batch holds each intent once
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0] == batch
+    assert again.stdout.splitlines()[-1] == "2 enqueued, 8 duplicates, 0 refused"
+    status = json.loads(run(cluster, "batch", "status", batch.split()[1], "--json").stdout)
+    assert status["admitted"] == 10
+
+
+def test_submit_counts_what_it_admitted_while_the_broker_is_away(cluster: Cluster) -> None:
+    # Given a file of 50 intents and a broker nobody listens on
+    source = cluster.tmp / "away.jsonl"
+    with source.open("w") as out:
+        for number in range(50):
+            out.write(json.dumps(intent(f"away-{number}")) + "\n")
+    away = {**env(cluster), "FULFILMENT_BROKER_URL": "redis://127.0.0.1:9/0"}
+    # When it is submitted
+    done = run_measured([*COMMAND, "submit", "--chunk", "20", str(source)], away,
+                        timeout=180, directory=cluster.tmp)
+    # Then each intent is counted as admitted, and the output says they wait for dispatch
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == \
+        "50 admitted (0 enqueued, 50 wait for dispatch), 0 duplicates, 0 refused", done.stdout
+    assert "the broker did not take the purchases of 50 admitted intents" in done.stderr
+    assert "submitting: 50 intents" in done.stderr
+    assert "Traceback" not in done.stderr
+    batch = done.stdout.splitlines()[0].split()[1]
+    status = json.loads(run(cluster, "batch", "status", batch, "--json").stdout)
+    assert (status["admitted"], status["in_progress"]) == (50, 50)
+    # And once the broker is back, the recovery sweep starts them and each is bought once
+    cluster.start_worker(concurrency=3)
+    swept = run_measured([*COMMAND, "sweep"], {**env(cluster), "FULFILMENT_STUCK_AFTER": "0.01"},
+                         timeout=60, directory=cluster.tmp)
+    assert len(json.loads(swept.stdout)["resumed"]) == 50, swept.stderr
+
+    def bought() -> dict[str, Any] | None:
+        now = json.loads(run(cluster, "batch", "status", batch, "--json").stdout)
+        return now if now["in_progress"] == 0 else None
+
+    final = wait_for(bought, timeout=180, what="the swept intents' outcomes", interval=0.5)
+    assert final is not None and final["confirmed"] == 50
+    assert cluster.sandbox.admin.audit()["duplicates"] == {}
+
+
+def test_waiting_on_standard_input_needs_a_results_file(cluster: Cluster) -> None:
+    done = run(cluster, "submit", "-", "--wait")
+    assert done.returncode == 2
+    assert "--results" in done.stderr and "standard input" in done.stderr
