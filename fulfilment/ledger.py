@@ -163,8 +163,7 @@ DROPPED_AT_OUTCOME = ("intent", "pending", "buyer_set", "basket_ttl", "orphans",
 #: (order_id, code, item_ids, basket_expires, confirm_sent); batch status and
 #: publishing (outcome, published, batch).
 KEPT_AFTER_OUTCOME = ("fingerprint", "submission", "submitted_at", "admitted_at", "updated_at",
-                      "order_id",
-                      "code", "item_ids", "items_done", "confirm_sent", "baskets",
+                      "order_id", "code", "item_ids", "items_done", "confirm_sent", "baskets",
                       "basket_expires", "attempts", "outcome", "published", "batch")
 
 # Write the outcome once, and drop what it makes useless (the buyer's data with
