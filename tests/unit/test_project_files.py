@@ -304,3 +304,26 @@ def test_run_service_passes_sigterm_on_for_a_warm_shutdown(tmp_path: Path) -> No
     finally:
         process.kill()
         process.wait()
+
+
+# --- the versions CI tests are the versions declared -----------------------------------
+
+def test_celery_and_kombu_are_pinned_to_the_minor_ci_runs() -> None:
+    """fulfilment.redis_transport leans on kombu's internals: no untested minor may install."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    declared = {Requirement(r).name: Requirement(r) for r in
+                tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for name in ("celery", "kombu"):
+        installed = Version(importlib.metadata.version(name))
+        spec = declared[name].specifier
+        assert installed in spec, (name, installed, spec)
+        same_minor = {Version(f"{installed.major}.{installed.minor}.{patch}") for patch in (0, 99)}
+        next_minor = Version(f"{installed.major}.{installed.minor + 1}.0")
+        assert all(v in spec for v in same_minor) and next_minor not in spec, (name, spec)
+    assert "https://github.com/celery/kombu/issues/" in \
+        (ROOT / "fulfilment" / "redis_transport.py").read_text()
