@@ -123,12 +123,54 @@ def _host_list(raw: str) -> str:
     return ",".join(sorted({h.strip().lower() for h in raw.split(",") if h.strip()}))
 
 
+#: What redis-py connects to: TCP, TLS, a Unix socket.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: The brokers this project is tested with (Redis, RabbitMQ), and the embedded demo's.
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory")
+
+
+def _redis_url(raw: str) -> str:
+    """The ledger's Redis: a scheme redis-py knows, checked now rather than at first use."""
+    parts = urlsplit(raw)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL, such as "
+                         "redis://127.0.0.1:6379/0")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("must name the socket, such as unix:///run/redis.sock")
+        return raw
+    return _url(raw)
+
+
 def _broker_url(raw: str) -> str:
     """A broker URL; ``memory://`` (the embedded demo's) has no host."""
+<<<<<<< HEAD
     if raw and not urlsplit(raw).scheme:
         raise ValueError("must be a URL such as redis://host:6379/0 or amqp://host")
     _numeric_port(raw)
+=======
+    if raw and urlsplit(raw).scheme not in BROKER_SCHEMES:
+        raise ValueError("must be a redis://, rediss://, amqp:// or amqps:// URL, such as "
+                         "redis://host:6379/0 or amqp://host (empty: FULFILMENT_REDIS_URL)")
+>>>>>>> ops
     return raw
+
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _listen_address(raw: str) -> str:
+    """An IP address or a host name to listen on: no scheme, no port (that is a setting)."""
+    value = raw.strip()
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return value.strip("[]")
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(value):
+        raise ValueError("must be an IP address or a host name, such as 0.0.0.0 or 127.0.0.1 "
+                         "(no scheme; the port is FULFILMENT_METRICS_PORT)")
+    return value
 
 
 def _log_format(raw: str) -> str:
@@ -154,6 +196,9 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
+#: The sandbox's API key, ``ONEBOX_API_KEY``'s default: refused with an https:// Onebox.
+SANDBOX_API_KEY = "sandbox-api-key"
+
 SETTINGS: tuple[Setting, ...] = (
     # --- Onebox ---------------------------------------------------------------
     Setting("ONEBOX_API_URL", "onebox_api_url", "http://127.0.0.1:8650",
@@ -166,7 +211,7 @@ SETTINGS: tuple[Setting, ...] = (
             "from the same domain as the API).", _optional_http_url),
     Setting("ONEBOX_CHANNEL_ID", "onebox_channel_id", "sandbox-channel",
             "Sales channel id sent with the client-credentials grant.", _required),
-    Setting("ONEBOX_API_KEY", "onebox_api_key", "sandbox-api-key",
+    Setting("ONEBOX_API_KEY", "onebox_api_key", SANDBOX_API_KEY,
             "The channel's API key (the OAuth client secret); must not be empty. Secret: "
             "never logged or shown. Or `ONEBOX_API_KEY_FILE`: a file holding it.",
             _required, secret=True, from_file=True),
@@ -212,7 +257,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
             "Redis for the ledger and the shared token cache; `rediss://` for TLS, "
             "`redis://:PASSWORD@host:6379/0` with a password (masked wherever shown). Or "
-            "`FULFILMENT_REDIS_URL_FILE`: a file holding it.", _url, from_file=True),
+            "`FULFILMENT_REDIS_URL_FILE`: a file holding it.", _redis_url, from_file=True),
     Setting("FULFILMENT_BROKER_URL", "broker_url", "",
             "Celery broker (and results queue); empty means `FULFILMENT_REDIS_URL`. Or "
             "`FULFILMENT_BROKER_URL_FILE`: a file holding it.", _broker_url, from_file=True),
@@ -270,7 +315,8 @@ SETTINGS: tuple[Setting, ...] = (
             "processes); 0 turns it off. Workers sharing a host need a port each.", _port),
     # Prometheus scrapes from another machine; the metrics hold no secret or personal data.
     Setting("FULFILMENT_METRICS_ADDRESS", "metrics_address", "0.0.0.0",  # noqa: S104
-            "Address the metrics port listens on (`127.0.0.1`: this machine only)."),
+            "Address the metrics port listens on (`127.0.0.1`: this machine only).",
+            _listen_address),
     # --- Logs ------------------------------------------------------------------
     Setting("FULFILMENT_LOG_FORMAT", "log_format", "text",
             "`text`: one line per event with reference, order id, step, attempt and Onebox "
@@ -359,6 +405,21 @@ class Settings:
                     f"{env}={mask_url(url)!r} is plain http:// to another machine: the API key and "
                     f"buyers' data would cross the network unencrypted; use https://, or add "
                     f"{host!r} to ONEBOX_PLAIN_HTTP_HOSTS if it is a sandbox on a private network")
+
+        self._validate_sandbox_key()
+
+    def _validate_sandbox_key(self) -> None:
+        """The sandbox's key is the default, for the sandbox only (always http://): with an
+        https:// Onebox a key left unset would go to the real API."""
+        if self.onebox_api_key != SANDBOX_API_KEY:
+            return
+        for env, url in (("ONEBOX_API_URL", self.onebox_api_url),
+                         ("ONEBOX_AUTH_URL", self.onebox_auth_url)):
+            if url.startswith("https://"):
+                raise ConfigError(
+                    f"ONEBOX_API_KEY is the sandbox's key (its default) but "
+                    f"{env}={url!r} is not the sandbox: set ONEBOX_API_KEY or "
+                    f"ONEBOX_API_KEY_FILE to your channel's key")
 
     @property
     def plain_http_hosts(self) -> frozenset[str]:

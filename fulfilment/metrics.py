@@ -4,14 +4,16 @@ Cost first: a purchase is ~10 ms of worker CPU, and every update here is a
 plain counter or histogram update at its call site (about a microsecond; a
 few more in multiprocess mode, where it lands in a memory-mapped file). No
 update does I/O or talks to Redis. What only Redis knows (queue depths, open
-intents, the fleet's circuit breaker) is read by ``RedisCollector`` when
-Prometheus scrapes, in one pipelined round trip of O(1) commands, never per
-order.
+intents, the fleet's circuit breaker) is read by
+``fulfilment.metrics_collector`` when Prometheus scrapes, never per order.
 
-Serving (the HTTP endpoint, Celery's prefork pool) is ``tasks.metrics``; this
-module knows nothing of Celery. Its metric objects are built on first use, in
-the process that uses them, so that a prefork pool process builds them after
-``use_multiprocess`` chose where they are kept.
+A leaf: the flow, the ledger and the Onebox guard import it, and it imports
+nothing of ours (a unit test keeps it so). Serving (the HTTP endpoint,
+Celery's prefork pool) is ``tasks.metrics``; this module knows nothing of
+Celery. Its metric objects are built on first use, in the process that uses
+them, so that a prefork pool process builds them after ``use_multiprocess``
+chose where they are kept. Labels whose values are known beforehand start at
+0, so that a dashboard reads 0 rather than "No data" before the first event.
 """
 
 from __future__ import annotations
@@ -20,21 +22,13 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-import redis
 import requests
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
-from prometheus_client.core import GaugeMetricFamily, Metric
-
-from fulfilment.keys import Keys
-from fulfilment.redis_text import text
-
-if TYPE_CHECKING:
-    from fulfilment.config import Settings
-    from schemas.result import OrderResult
 
 #: One run of a step's task: from a few ms (publish) to a whole basket of seats calls.
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -92,6 +86,12 @@ class Metrics:
             "fulfilment_onebox_circuit_changes", "Changes of the fleet's circuit breaker made "
             "by this worker: opened, reopened (the probe failed), closed (the probe "
             "succeeded).", ["change"], registry=r)
+        # At 0 before their first event: a panel reads 0, not "No data".
+        self.outcomes.labels("confirmed", "")
+        for reason in HELD_BACK_REASONS.values():
+            self.held_back.labels(reason)
+        for change in sorted(BREAKER_CHANGES):
+            self.breaker_changes.labels(change)
 
 
 class _Current:
@@ -140,7 +140,26 @@ def use_multiprocess(directory: Path) -> None:
 
 
 # --- the call sites' updates ------------------------------------------------------
-def outcome_written(outcome: OrderResult, stands: OrderResult) -> OrderResult:
+class _Error(Protocol):
+    @property
+    def code(self) -> str: ...
+
+
+class _Outcome(Protocol):
+    """``schemas.result.OrderResult`` as far as it is counted (we import none of ours)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def finished_at(self) -> datetime | None: ...
+    @property
+    def error(self) -> _Error | None: ...
+
+
+R = TypeVar("R", bound=_Outcome)
+
+
+def outcome_written(outcome: R, stands: R) -> R:
     """Count ``outcome`` if it is the one that stands (the ledger keeps the first only)."""
     if stands.finished_at == outcome.finished_at and stands.status == outcome.status:
         code = outcome.error.code if outcome.error is not None else ""
@@ -215,132 +234,6 @@ def breaker_changed(change: str) -> None:
         current().breaker_changes.labels(change).inc()
 
 
-# --- read from Redis at scrape time --------------------------------------------------
-class RedisCollector:
-    """Fleet-wide gauges read from Redis when Prometheus scrapes, never per order.
-
-    One pipelined round trip of O(1) commands, whatever the backlog: LLEN of
-    each queue's lists (kombu keeps one per priority step), HLEN of the
-    broker's unacknowledged messages, ZCARD and the first member of the
-    ledger's open set (as ``fulfilment.recovery`` reads it), the breaker's
-    hash (as ``OneboxGuard.state``) and Redis's clock. No SCAN. Every worker
-    reports the same values: take ``max`` across workers, not ``sum``.
-    """
-
-    def __init__(self, client: redis.Redis, keys: Keys, *, breaker_key: str | None,
-                 broker: redis.Redis | None = None, broker_prefix: str = "",
-                 priority_steps: Iterable[int] = (0, 3, 6, 9)) -> None:
-        self._redis = client
-        self._keys = keys
-        self._breaker_key = breaker_key
-        self._broker = broker
-        self._broker_prefix = broker_prefix
-        self._steps = tuple(priority_steps)
-        self.queues = (keys.task_queue, keys.continue_queue, keys.maintenance_queue,
-                       keys.results_queue, keys.failures_queue)
-
-    @classmethod
-    def for_settings(cls, settings: Settings, *, timeout: float = 2.0) -> RedisCollector:
-        """Its own clients with short timeouts: a scrape must fail fast, not hang."""
-        from fulfilment.onebox.guard import GuardConfig, scope_for  # the guard imports us
-        from fulfilment.wiring import transport_options
-
-        def client(url: str) -> redis.Redis:
-            return redis.Redis.from_url(url, socket_timeout=timeout,
-                                        socket_connect_timeout=timeout)
-
-        keys = Keys(settings.key_prefix)
-        ledger = client(settings.redis_url)
-        broker_url = settings.effective_broker_url
-        broker: redis.Redis | None = None
-        if broker_url.startswith(("redis://", "rediss://")):
-            broker = ledger if broker_url == settings.redis_url else client(broker_url)
-        breaker = keys.onebox_guard(scope_for(settings), "breaker") \
-            if GuardConfig.from_settings(settings).breaker_failures else None
-        prefix = str(transport_options(settings).get("global_keyprefix", ""))
-        return cls(ledger, keys, breaker_key=breaker, broker=broker, broker_prefix=prefix)
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("fulfilment_metrics_redis_up", "1 when this scrape could read "
-                               "Redis for the fleet-wide gauges below, 0 when not.")
-        try:
-            families = self._read()
-        except redis.RedisError:
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        yield from families
-
-    def _read(self) -> list[Metric]:
-        keys = self._keys
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.llen(keys.intake)
-        pipe.llen(keys.intake_processing)
-        pipe.zcard(keys.open_intents)
-        pipe.zrange(keys.open_intents, 0, 0, withscores=True)
-        pipe.time()
-        if self._breaker_key is not None:
-            pipe.hgetall(self._breaker_key)
-        answers = pipe.execute()
-        intake, processing, open_count, oldest, (seconds, micros) = answers[:5]
-        now = float(seconds) + float(micros) / 1_000_000
-        queue = GaugeMetricFamily(
-            "fulfilment_queue_messages", "Messages waiting on a queue: the broker's queues "
-            "(Redis broker only) and the Redis-list intake (<prefix>:intake, and "
-            ":intake:processing, taken but not yet admitted).", labels=["queue"])
-        queue.add_metric([keys.intake], float(intake))
-        queue.add_metric([keys.intake_processing], float(processing))
-        families: list[Metric] = [queue]
-        if self._broker is not None:
-            depths, unacked = self._broker_depths()
-            for name, depth in depths.items():
-                queue.add_metric([name], float(depth))
-            families.append(GaugeMetricFamily(
-                "fulfilment_broker_unacked_messages", "Messages delivered to workers and not "
-                "yet acknowledged: running, prefetched, or waiting out a retry's countdown.",
-                value=float(unacked)))
-        families.append(GaugeMetricFamily(
-            "fulfilment_open_intents", "Admitted intents without a published outcome (the "
-            "ledger's open set, which the recovery sweep walks).", value=float(open_count)))
-        idle = max(now - float(oldest[0][1]), 0.0) if oldest else 0.0
-        families.append(GaugeMetricFamily(
-            "fulfilment_oldest_open_intent_idle_seconds", "Seconds since the open intent that "
-            "has gone longest without progress last progressed (0 when none is open); the "
-            "recovery sweep resumes it past FULFILMENT_STUCK_AFTER.", value=idle))
-        state = "disabled"
-        if self._breaker_key is not None:
-            breaker = {text(k): text(v) for k, v in answers[5].items()}
-            state = "closed"
-            if "open_until" in breaker:
-                state = "open" if float(breaker["open_until"]) > now * 1_000_000 else "half_open"
-        circuit = GaugeMetricFamily(
-            "fulfilment_onebox_circuit_state", "The fleet's circuit breaker toward Onebox: 1 "
-            "for the state it is in (closed, open, half_open: cool-down over, one probe "
-            "allowed; disabled: ONEBOX_BREAKER_FAILURES=0), 0 for the others.",
-            labels=["state"])
-        for name in BREAKER_STATES:
-            circuit.add_metric([name], 1.0 if name == state else 0.0)
-        families.append(circuit)
-        return families
-
-    def _broker_depths(self) -> tuple[dict[str, int], int]:
-        """Ready messages per queue (summed over kombu's priority lists), and unacked ones."""
-        assert self._broker is not None
-        prefix = self._broker_prefix
-        pipe = self._broker.pipeline(transaction=False)
-        for name in self.queues:
-            for step in self._steps:
-                pipe.llen(f"{prefix}{name}" if step == 0 else f"{prefix}{name}\x06\x16{step}")
-        pipe.hlen(f"{prefix}unacked")
-        answers = pipe.execute()
-        per_queue = len(self._steps)
-        depths = {name: sum(int(n) for n in answers[i * per_queue:(i + 1) * per_queue])
-                  for i, name in enumerate(self.queues)}
-        return depths, int(answers[-1])
-
-
-__all__ = ["Metrics", "RedisCollector", "breaker_changed", "current", "decided",
+__all__ = ["Metrics", "breaker_changed", "current", "decided",
            "guard_verdict", "install", "onebox_call", "outcome_written", "retried", "step_ran",
            "use_multiprocess"]

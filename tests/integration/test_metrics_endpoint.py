@@ -79,7 +79,13 @@ def test_a_prefork_worker_serves_counts_that_add_up_across_its_pool_processes(
     cluster.sell_at_box_office(SeatRef(id=5, session_id=1001))
     port = cluster.settings.metrics_port
     worker = cluster.start_worker(concurrency=2)
-    wait_for(lambda: scrape(port), timeout=60, what="the worker's metrics port")
+    quiet = wait_for(lambda: scrape(port), timeout=60, what="the worker's metrics port")
+    assert quiet is not None  # wait_for returns only a truthy value
+    # (before any pool process counted: the held-back panel reads 0, not "No data")
+    assert quiet[("fulfilment_onebox_held_back_total",
+                  frozenset({("reason", "circuit_open")}))] == 0
+    assert total(quiet, "fulfilment_worker_info", deployment=cluster.settings.key_prefix,
+                 pool="prefork") == 1
     # When eight intents are bought, one of them wanting the sold seat
     intents = [intent(f"m-{i}", {"session_id": 1002, "price_type_id": 3, "quantity": 1})
                for i in range(7)]

@@ -6,6 +6,7 @@ test sees another's counts.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -29,6 +30,7 @@ from fulfilment.errors import CircuitOpenError, TransientError
 from fulfilment.flow import Proceed, RetryIn
 from fulfilment.harness.processes import free_port
 from fulfilment.keys import Keys
+from fulfilment.metrics_collector import RedisCollector
 from fulfilment.onebox import guard as guard_module
 from fulfilment.onebox.guard import GuardConfig, guarded
 from schemas.result import OrderResult, ResultError
@@ -178,16 +180,51 @@ def test_the_celery_signals_time_steps_and_count_celerys_own_retries(
                if s.name == "fulfilment_retries_total") == 1
 
 
+def test_labels_known_beforehand_read_0_before_their_first_event() -> None:
+    # The dashboard's breaker and held-back panels: 0, not "No data", on a quiet fleet
+    registry = metrics.Metrics(CollectorRegistry()).registry
+    for reason in ("circuit_open", "probing", "rate_limited"):
+        assert registry.get_sample_value("fulfilment_onebox_held_back_total",
+                                         {"reason": reason}) == 0
+    for change in ("opened", "reopened", "closed"):
+        assert registry.get_sample_value("fulfilment_onebox_circuit_changes_total",
+                                         {"change": change}) == 0
+    assert registry.get_sample_value("fulfilment_intents_total",
+                                     {"status": "confirmed", "code": ""}) == 0
+
+
+# --- the counters are a leaf ----------------------------------------------------------
+OURS = ("fulfilment", "schemas", "tasks", "bench", "tests")
+
+
+def test_the_counters_module_imports_nothing_of_ours() -> None:
+    """The flow, the ledger and the guard import it: it imports none of them (no circle)."""
+    imported: list[str] = []
+    for node in ast.walk(ast.parse(Path(metrics.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):  # type-checking-only imports count too
+            imported.append("." * node.level + (node.module or ""))
+    assert [name for name in imported
+            if name.startswith(".") or name.split(".")[0] in OURS] == []
+    # And at run time, in an interpreter of its own
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, fulfilment.metrics; print(sorted(m for m in "
+         f"sys.modules if m.split('.')[0] in {OURS!r}))"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "['fulfilment', 'fulfilment.metrics']"
+
+
 # --- read from Redis at scrape time ---------------------------------------------------
-def collector(client: fakeredis.FakeRedis, *, breaker: bool = True) -> metrics.RedisCollector:
+def collector(client: fakeredis.FakeRedis, *, breaker: bool = True) -> RedisCollector:
     keys = Keys("unit")
-    return metrics.RedisCollector(client, keys,
+    return RedisCollector(client, keys,
                                   breaker_key=keys.onebox_guard("acct", "breaker")
                                   if breaker else None,
                                   broker=client, broker_prefix="unit:broker:")
 
 
-def scraped(source: metrics.RedisCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]],
+def scraped(source: RedisCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]],
                                                       float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in source.collect() for s in family.samples}
@@ -221,7 +258,7 @@ def test_the_collector_says_closed_half_open_and_disabled() -> None:
     client = fakeredis.FakeRedis()
     breaker = Keys("unit").onebox_guard("acct", "breaker")
 
-    def state(source: metrics.RedisCollector) -> str:
+    def state(source: RedisCollector) -> str:
         [name] = [labels[0][1] for (metric, labels), v in scraped(source).items()
                   if metric == "fulfilment_onebox_circuit_state" and v == 1]
         return name
@@ -235,17 +272,17 @@ def test_the_collector_says_closed_half_open_and_disabled() -> None:
 
 def test_without_redis_a_scrape_says_so_rather_than_failing() -> None:
     settings = Settings.defaults().with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    got = scraped(metrics.RedisCollector.for_settings(settings, timeout=0.5))
+    got = scraped(RedisCollector.for_settings(settings, timeout=0.5))
     assert got == {("fulfilment_metrics_redis_up", ()): 0}
 
 
 def test_the_collector_reads_the_guards_breaker_key_and_the_brokers_prefix() -> None:
     settings = Settings.defaults().with_overrides(key_prefix="unit-x")
-    source = metrics.RedisCollector.for_settings(settings)
+    source = RedisCollector.for_settings(settings)
     assert source._breaker_key == Keys("unit-x").onebox_guard(guard_module.scope_for(settings),
                                                               "breaker")
     assert source._broker_prefix == "unit-x:broker:"
-    off = metrics.RedisCollector.for_settings(settings.with_overrides(onebox_breaker_failures=0))
+    off = RedisCollector.for_settings(settings.with_overrides(onebox_breaker_failures=0))
     assert off._breaker_key is None
 
 
@@ -258,7 +295,7 @@ def test_a_worker_serves_its_metrics_over_http_and_a_taken_port_only_warns(
     settings = Settings.defaults().with_overrides(
         metrics_port=port, metrics_address="127.0.0.1",
         redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    running = serving.serve(settings, multiprocess=False)
+    running = serving.serve(settings, multiprocess=False, info=worker_info())
     assert running is not None
     try:
         metrics.retried("ConnectionError")
@@ -266,12 +303,26 @@ def test_a_worker_serves_its_metrics_over_http_and_a_taken_port_only_warns(
             text = page.read().decode()
         assert 'fulfilment_retries_total{reason="ConnectionError"} 1.0' in text
         assert "fulfilment_metrics_redis_up 0.0" in text
+        assert 'fulfilment_onebox_held_back_total{reason="circuit_open"} 0.0' in text
+        assert 'fulfilment_worker_info{deployment="shop-a",node="worker1@host",pool="thread"} 1.0' \
+            in text
         # A second worker on the same port serves nothing, and says so
         assert serving.serve(settings, multiprocess=False) is None
         assert "serves no metrics" in caplog.text
     finally:
         running.server.shutdown()
         running.server.server_close()
+
+
+def test_a_metrics_address_that_does_not_resolve_is_named_not_the_port(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from tasks import metrics as serving
+
+    settings = Settings.defaults().with_overrides(
+        metrics_port=free_port(), metrics_address="no-such-host.invalid")
+    assert serving.serve(settings, multiprocess=False) is None
+    assert "FULFILMENT_METRICS_ADDRESS='no-such-host.invalid' does not resolve" in caplog.text
+    assert "FULFILMENT_METRICS_PORT" not in caplog.text
 
 
 def test_multiprocess_mode_sums_the_processes_and_wipes_a_previous_run(tmp_path: Path) -> None:
@@ -331,10 +382,21 @@ def exposed_names() -> set[str]:
                 "gauge": [""]}
     names: set[str] = set()
     families = [*metrics.Metrics(CollectorRegistry()).registry.collect(),
-                *collector(fakeredis.FakeRedis()).collect()]
+                *collector(fakeredis.FakeRedis()).collect(), *worker_info().collect()]
     for family in families:
         names.update(family.name + suffix for suffix in suffixes[family.type])
     return names
+
+
+def worker_info() -> Any:
+    from tasks.metrics import WorkerInfo
+
+    return WorkerInfo("worker1@host", "shop-a", "thread")
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
 
 
 def dashboard_exprs() -> list[str]:
@@ -348,7 +410,7 @@ def dashboard_exprs() -> list[str]:
             for child in node:
                 yield from walk(child)
 
-    return list(walk(json.loads(DASHBOARD.read_text())))
+    return list(walk(dashboard()))
 
 
 def test_every_metric_the_dashboard_queries_exists() -> None:
@@ -358,10 +420,30 @@ def test_every_metric_the_dashboard_queries_exists() -> None:
     assert queried <= exposed_names(), queried - exposed_names()
 
 
+def test_every_dashboard_expression_is_scoped_to_one_deployments_workers() -> None:
+    """Two deployments on one Prometheus never add up: every series is picked by $instance,
+    whose values are the chosen $deployment's workers (fulfilment_worker_info)."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert "fulfilment_worker_info," in variables["deployment"]["definition"]
+    assert 'fulfilment_worker_info{deployment="$deployment"}' in \
+        variables["instance"]["definition"]
+    assert variables["instance"]["includeAll"] and variables["instance"]["multi"]
+    for expr in dashboard_exprs():
+        selectors = re.findall(r"\bfulfilment_[a-z0-9_]+(\{[^}]*\})?", expr)
+        assert selectors and all('instance=~"$instance"' in s for s in selectors), expr
+
+
+def test_the_worker_info_names_the_node_and_the_deployment() -> None:
+    [family] = list(worker_info().collect())
+    [sample] = family.samples
+    assert sample.labels == {"node": "worker1@host", "deployment": "shop-a", "pool": "thread"}
+    assert sample.value == 1
+
+
 def test_every_metric_has_help_and_the_prefix() -> None:
     text = generate_latest(metrics.Metrics(CollectorRegistry()).registry).decode()
     families = [*metrics.Metrics(CollectorRegistry()).registry.collect(),
-                *collector(fakeredis.FakeRedis()).collect()]
+                *collector(fakeredis.FakeRedis()).collect(), *worker_info().collect()]
     for family in families:
         assert family.name.startswith("fulfilment_") and len(family.documentation) > 20
     assert "# HELP fulfilment_intents_total" in text

@@ -80,7 +80,8 @@ def test_empty_credentials_are_refused(name: str) -> None:
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8650", "http://localhost:8650",
                                  "http://[::1]:8650", "http://127.0.0.2", "https://api.example"])
 def test_loopback_http_and_any_https_are_allowed(url: str) -> None:
-    assert Settings.from_env({"ONEBOX_API_URL": url}).onebox_api_url == url
+    env = {"ONEBOX_API_URL": url, "ONEBOX_API_KEY": "channel-key"}
+    assert Settings.from_env(env).onebox_api_url == url
 
 
 @pytest.mark.parametrize("env", [
