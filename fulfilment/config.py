@@ -144,15 +144,10 @@ def _redis_url(raw: str) -> str:
 
 def _broker_url(raw: str) -> str:
     """A broker URL; ``memory://`` (the embedded demo's) has no host."""
-<<<<<<< HEAD
-    if raw and not urlsplit(raw).scheme:
-        raise ValueError("must be a URL such as redis://host:6379/0 or amqp://host")
-    _numeric_port(raw)
-=======
     if raw and urlsplit(raw).scheme not in BROKER_SCHEMES:
         raise ValueError("must be a redis://, rediss://, amqp:// or amqps:// URL, such as "
                          "redis://host:6379/0 or amqp://host (empty: FULFILMENT_REDIS_URL)")
->>>>>>> ops
+    _numeric_port(raw)
     return raw
 
 
