@@ -36,6 +36,7 @@ from fulfilment.lease import Leases
 from fulfilment.ledger import Begun, Entry, LeaseLostError, Ledger, UnknownIntentError
 from fulfilment.logcontext import bound
 from fulfilment.onebox.client import OneboxClient
+from fulfilment.redact import masking_buyer
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from schemas.intent import NumberedItem
@@ -147,7 +148,8 @@ def advance(services: Services, reference: str, target: Stage, attempt: int = 1)
             return Proceed(entry.outcome if entry is not None else None)
         if entry is None:
             return metrics.decided(RetryIn(1.0, "another worker holds this intent"))
-        with lease, services.ledger.fenced(lease.key, lease.token, entry):
+        with lease, services.ledger.fenced(lease.key, lease.token, entry), \
+                masking_buyer(entry.intent.buyer):
             try:
                 return metrics.decided(_advance_leased(services, entry, target))
             except LeaseLostError as exc:
