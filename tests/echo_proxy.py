@@ -31,13 +31,15 @@ ORDER_HEADER = "ob-order-id"
 class Echo:
     """Answer the next ``times`` calls of ``step`` with ``status`` and a message echoing
     the order's buyer; with ``forward`` the call reaches the sandbox first (done, then
-    the answer is replaced), else it never does."""
+    the answer is replaced), else it never does. With ``match``, only an order whose
+    buyer data holds that text."""
 
     step: str
     status: int
     code: str
     times: int = 1
     forward: bool = False
+    match: str = ""
 
 
 @dataclass
@@ -55,10 +57,11 @@ class EchoProxy:
         with self.lock:
             self.rules.extend(rules)
 
-    def _take(self, path: str) -> Echo | None:
+    def _take(self, path: str, order_id: str) -> Echo | None:
         with self.lock:
+            buyer = self.buyers.get(order_id, "")
             for rule in self.rules:
-                if rule.times > 0 and path.endswith(PATHS[rule.step]):
+                if rule.times > 0 and path.endswith(PATHS[rule.step]) and rule.match in buyer:
                     rule.times -= 1
                     return rule
         return None
@@ -69,7 +72,7 @@ class EchoProxy:
         if path.endswith(PATHS["buyer_data"]) and body:
             with self.lock:
                 self.buyers[order_id] = body.decode()
-        rule = self._take(path.split("?", 1)[0]) if method == "POST" else None
+        rule = self._take(path.split("?", 1)[0], order_id) if method == "POST" else None
         if rule is None or rule.forward:
             answer = requests.request(method, self.upstream + path, data=body or None,
                                       headers=headers, timeout=30)
