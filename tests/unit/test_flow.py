@@ -278,6 +278,7 @@ def test_lost_confirm_is_settled_by_reading_the_order(world: World) -> None:
     world.run(reference, attempt=2)
     assert world.onebox.confirms == {reference: 1}
     assert world.onebox.calls[-1] == "get_order"
+    assert world.onebox.calls.count("confirm") == 1  # read back, never sent blindly again
     assert world.results()[0].status == "confirmed"
 
 
