@@ -74,6 +74,12 @@ BREAKAGES = (
              "false then return -2 end",
              (CONTENTION, f"{LEDGER}::test_a_holder_whose_lease_passed_on_writes_nothing",
               f"{FLOW}::test_a_worker_whose_lease_passed_on_cannot_write")),
+    Breakage("lease-release-token", "a stale holder cannot free the lease another holds",
+             "fulfilment/lease.py",
+             r"^if redis\.call\('GET', KEYS\[1\]\) == ARGV\[1\] then (return redis\.call\('DEL', "
+             r"KEYS\[1\]\)) end", r"\1",
+             ("tests/unit/test_keys_and_leases.py::"
+              "test_a_stale_holder_neither_renews_nor_releases_the_new_holders_lease",)),
     Breakage("admission-fingerprint", "a reference reused for another purchase is refused",
              "fulfilment/ledger.py", r"^\s*if existing ~= ARGV\[1\] then return 'conflict' end\n",
              "", (f"{LEDGER}::test_admission_tells_new_duplicate_and_conflict",

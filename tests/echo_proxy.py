@@ -21,9 +21,10 @@ from typing import Any
 
 import requests
 
-#: The path of each step a rule may name (as the sandbox's fault plan names them).
-PATHS = {"buyer_data": "/orders/buyer-data", "confirm": "/orders/confirm",
-         "pre_confirm": "/orders/pre-confirm", "seats_auto": "/orders/seats-auto"}
+#: The method and path of each step a rule may name (as the sandbox's fault plan names them).
+STEPS = {"buyer_data": ("POST", "/orders/buyer-data"), "confirm": ("POST", "/orders/confirm"),
+         "pre_confirm": ("POST", "/orders/pre-confirm"),
+         "seats_auto": ("POST", "/orders/seats-auto"), "release": ("DELETE", "/orders/seats")}
 ORDER_HEADER = "ob-order-id"
 
 
@@ -57,11 +58,13 @@ class EchoProxy:
         with self.lock:
             self.rules.extend(rules)
 
-    def _take(self, path: str, order_id: str) -> Echo | None:
+    def _take(self, method: str, path: str, order_id: str) -> Echo | None:
         with self.lock:
             buyer = self.buyers.get(order_id, "")
             for rule in self.rules:
-                if rule.times > 0 and path.endswith(PATHS[rule.step]) and rule.match in buyer:
+                step_method, step_path = STEPS[rule.step]
+                if rule.times > 0 and method == step_method and path.endswith(step_path) \
+                        and rule.match in buyer:
                     rule.times -= 1
                     return rule
         return None
@@ -69,10 +72,10 @@ class EchoProxy:
     def handle(self, method: str, path: str, headers: dict[str, str],
                body: bytes) -> tuple[int, dict[str, str], bytes]:
         order_id = headers.get(ORDER_HEADER, "")
-        if path.endswith(PATHS["buyer_data"]) and body:
+        if path.endswith(STEPS["buyer_data"][1]) and body:
             with self.lock:
                 self.buyers[order_id] = body.decode()
-        rule = self._take(path.split("?", 1)[0], order_id) if method == "POST" else None
+        rule = self._take(method, path.split("?", 1)[0], order_id)
         if rule is None or rule.forward:
             answer = requests.request(method, self.upstream + path, data=body or None,
                                       headers=headers, timeout=30)

@@ -7,7 +7,8 @@ flows: purchases confirmed, one failed with its seats released, one through
 retries (503, 429, a 500 on pre-confirm, a lost confirm, a revoked token),
 one taken in from the Redis-list intake, and two whose Onebox answers echo
 the buyer (a proxy in front of the sandbox): one refused at the buyer-data
-call, one through a 503 there and another on its confirm. Then every line of the
+call and at the release of its seats, one through a 503 there and another on
+its confirm. Then every line of the
 three, and every result, is searched for the API key, each token Onebox
 issued, the Redis password, and each buyer's e-mail, phone and name, as
 written and as JSON or a URL would encode them. The scanner itself is shown to
@@ -190,9 +191,11 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
         token_after = cached_token(redis_client, prefix)
         faults = cluster.sandbox.admin.audit()["faults"]
         # and two meet Onebox answers that repeat their buyer data: one refused at the
-        # buyer-data call, one through a 503 there and a 503 on its confirm
+        # buyer-data call (and its seats' release refused too), one through a 503 there
+        # and a 503 on its confirm
         cluster.sandbox.admin.set_faults({})
         proxy.add(Echo("buyer_data", 400, "DIST0005", match=people[6]["email"]),
+                  Echo("release", 503, "DIST0000", match=people[6]["email"]),
                   Echo("buyer_data", 503, "DIST0000", match=people[7]["email"]),
                   Echo("confirm", 503, "DIST0000", match=people[7]["email"]))
         produced += produce(cluster, [intent("log-echo-refused", [auto(1)], people[6]),
@@ -217,14 +220,15 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
                 "pre_confirm": {"error_500"}, "confirm": {"lost_response"}}
     assert {endpoint: set(faults.get(endpoint, {})) for endpoint in injected} == injected
     assert token_before != token_after  # the revoked token was renewed
-    assert proxy.echoed == {"buyer_data": 2, "confirm": 1}
+    assert proxy.echoed == {"buyer_data": 2, "confirm": 1, "release": 1}
     refused = echoed["log-echo-refused"]
     assert refused.status == "failed" and refused.error is not None
     assert refused.error.code == "DIST0005" and "refused for buyer" in refused.error.message
     assert echoed["log-echo-retry"].status == "confirmed"
     # (Onebox's echoing messages reached the logs, scrubbed)
-    assert {step for step in ("buyer_data", "confirm")
-            if f"{step} refused for buyer" in logs["worker"]} == {"buyer_data", "confirm"}
+    echoing = ("buyer_data", "confirm", "release")
+    assert {step for step in echoing if f"{step} refused for buyer" in logs["worker"]} == \
+        set(echoing)
     # and the logs are there to search: DEBUG lines, every step with its trace id
     worker_lines = json_lines(logs["worker"])
     assert any(line["level"] == "DEBUG" for line in worker_lines)
