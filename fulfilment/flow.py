@@ -20,7 +20,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -38,6 +38,7 @@ from fulfilment.ledger import Begun, Entry, LeaseLostError, Ledger, UnknownInten
 from fulfilment.logcontext import bound
 from fulfilment.onebox.client import OneboxClient
 from fulfilment.onebox.guard import before_send
+from fulfilment.redact import masking_buyer
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from schemas.intent import NumberedItem
@@ -149,12 +150,19 @@ def advance(services: Services, reference: str, target: Stage, attempt: int = 1)
             return Proceed(entry.outcome if entry is not None else None)
         if entry is None:
             return metrics.decided(RetryIn(1.0, "another worker holds this intent"))
-        with lease, services.ledger.fenced(lease.key, lease.token, entry):
+        with lease, services.ledger.fenced(lease.key, lease.token, entry), \
+                _masking_buyer_of(entry):
             try:
                 return metrics.decided(_advance_leased(services, entry, target))
             except LeaseLostError as exc:
                 log.warning("%s; handing the intent over", exc)
                 return metrics.decided(RetryIn(services.leases.ttl, exc.code))
+
+
+def _masking_buyer_of(entry: Entry) -> AbstractContextManager[None]:
+    """Mask the buyer's name in what Onebox echoes; a finished entry has no buyer left."""
+    intent = entry.stored_intent
+    return masking_buyer(intent.buyer) if intent is not None else nullcontext()
 
 
 def _time_budget(settings: Settings) -> float:

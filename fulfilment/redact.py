@@ -2,7 +2,10 @@
 
 Onebox's error messages, exception texts of HTTP libraries and the like may
 echo what we sent. Anything of theirs that goes into a log line, an exception
-or a result passes through ``scrub`` first.
+or a result passes through ``scrub`` first. A name has no pattern, so the
+buyer's own name and other free fields are masked too while work on their
+intent runs (``masking_buyer``: the flow and the buyer-data call set it).
+E-mails and phone numbers are matched by pattern, whoever they belong to.
 
 URLs are masked the way the clients that read them parse them, so whatever
 authenticates is hidden however it is spelled: redis-py and kombu take the
@@ -15,8 +18,14 @@ too: it is still someone's password.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
+
+from schemas.intent import Buyer
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _BEARER = re.compile(r"(?i)\b(bearer|token|secret|key|password)(\s*[=:]\s*|\s+)\S+")
@@ -36,6 +45,30 @@ _URL_IN_TEXT = re.compile(rf"{_SCHEME}[^\s'\"<>]*")
 _SECRET_QUERY = re.compile(r"(?i)((?:^|[?&;])[^=&;#]*(?:pass|secret|token)[^=&;#]*=)[^&;#]*")
 #: ``//user:password@`` that ``urlsplit`` does not see (an unencoded ``/ ? #`` in it).
 _LOOSE_USERINFO = re.compile(r"(//[^/?#@:\s]*:)[^@\s]*@")
+#: Shorter values are not masked on their own (a two-letter country would garble text).
+MIN_KNOWN_LENGTH = 3
+
+_KNOWN: contextvars.ContextVar[re.Pattern[str] | None] = contextvars.ContextVar(
+    "redact_known", default=None)
+
+
+@contextmanager
+def masking(values: Iterable[str | None]) -> Iterator[None]:
+    """While inside, ``scrub`` also masks these values (a buyer's name, say) as whole words."""
+    words = sorted({v.strip() for v in values if v and len(v.strip()) >= MIN_KNOWN_LENGTH},
+                   key=len, reverse=True)
+    pattern = re.compile(r"(?i)(?<!\w)(?:" + "|".join(map(re.escape, words)) + r")(?!\w)") \
+        if words else None
+    token = _KNOWN.set(pattern)
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
+
+
+def masking_buyer(buyer: Buyer) -> contextlib.AbstractContextManager[None]:
+    """``masking`` the buyer's values that no pattern recognises: names and free fields."""
+    return masking([buyer.name, buyer.surname, *buyer.extra.values()])
 
 
 def scrub(text: str | None, *, max_length: int = MAX_LENGTH) -> str:
@@ -44,6 +77,8 @@ def scrub(text: str | None, *, max_length: int = MAX_LENGTH) -> str:
     if not text:
         return ""
     cleaned = mask_urls_in(text)
+    known = _KNOWN.get()
+    cleaned = known.sub("<buyer>", cleaned) if known is not None else cleaned
     cleaned = _EMAIL.sub("<email>", cleaned)
     cleaned = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted>", cleaned)
     cleaned = _PHONE.sub(_mask_phone, cleaned)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import fakeredis
 import pytest
 import redis
 
@@ -50,3 +52,31 @@ def settings(sandbox: RunningSandbox, redis_url: str, prefix: str) -> Settings:
         # has tests of its own (test_durability, the chaos suite's host crash).
         require_durable_redis=False,
     )
+
+
+@dataclass(frozen=True)
+class LedgerStore:
+    """A Redis for the ledger's scripts, and the key prefix this test owns in it."""
+
+    client: redis.Redis
+    prefix: str
+    real: bool
+
+
+@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.integration)])
+def ledger_store(request: pytest.FixtureRequest) -> Iterator[LedgerStore]:
+    """Each flow and ledger test twice: on fakeredis, and on a real Redis (a private db
+    and prefix, removed afterwards). fakeredis runs the ledger's Lua with its own
+    interpreter, not Redis's: only the real one shows the scripts work where they run."""
+    prefix = services.unique_prefix()
+    if request.param == "fakeredis":
+        yield LedgerStore(fakeredis.FakeRedis(), prefix, real=False)
+        return
+    client = redis.Redis.from_url(services.redis_url())
+    try:
+        yield LedgerStore(client, prefix, real=True)
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

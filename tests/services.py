@@ -19,7 +19,8 @@ from kombu import Connection
 
 from fulfilment.harness.processes import free_port, unique_prefix
 
-__all__ = ["free_port", "in_ci", "rabbitmq_vhost", "redis_url", "require", "unique_prefix"]
+__all__ = ["free_port", "in_ci", "rabbitmq_vhost", "redis_url", "require", "unavailable",
+           "unique_prefix"]
 
 REDIS_HOST = os.environ.get("FULFILMENT_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("FULFILMENT_TEST_REDIS_PORT", "6379"))
@@ -32,9 +33,12 @@ def in_ci() -> bool:
 
 
 def require(service: str, reachable: bool) -> None:
-    if reachable:
-        return
-    message = f"{service} is not reachable"
+    if not reachable:
+        unavailable(f"{service} is not reachable")
+
+
+def unavailable(message: str) -> None:
+    """Skip for want of what a test needs of a service; under CI=true, fail instead."""
     if in_ci():
         pytest.fail(f"{message}, and CI=true: integration tests must run, not skip")
     pytest.skip(message)

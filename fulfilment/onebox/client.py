@@ -26,6 +26,7 @@ from fulfilment.logcontext import bound
 from fulfilment.onebox.auth import AUTH_RETRY_AFTER, TokenProvider
 from fulfilment.onebox.guard import OneboxGuard, guarded
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, error_for_response
+from fulfilment.redact import masking_buyer
 from schemas.intent import AutoItem, Buyer, SeatRef
 from schemas.onebox import Order, load_order
 
@@ -79,9 +80,10 @@ class OneboxClient:
                            order_id=order_id, json=body)
 
     def set_buyer(self, order_id: str, buyer: Buyer) -> Order:
-        """Attach the buyer's data (personal data: never logged)."""
-        return self._order("POST", "buyer_data", f"{DISTRIBUTION}/orders/buyer-data",
-                           order_id=order_id, json=buyer.as_payload())
+        """Attach the buyer's data (personal data: never logged, masked in Onebox's answer)."""
+        with masking_buyer(buyer):
+            return self._order("POST", "buyer_data", f"{DISTRIBUTION}/orders/buyer-data",
+                               order_id=order_id, json=buyer.as_payload())
 
     def pre_confirm(self, order_id: str, delivery_method: str | None = None) -> Order:
         """Move the order to PRE_CONFIRM; the answer carries its ``code``."""

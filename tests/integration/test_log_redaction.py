@@ -4,11 +4,15 @@ A worker (at DEBUG, JSON lines), celery beat (at DEBUG) and the producer
 command (``fulfilment -vv submit``) run against real Redis, reached with a
 password of its own, and the sandbox with an API key of this test's own. The
 flows: purchases confirmed, one failed with its seats released, one through
-retries (503, 429, a 500 on pre-confirm, a lost confirm, a revoked token), and
-one taken in from the Redis-list intake. Then every line of the three is
-searched for the API key, each token Onebox issued, the Redis password, and
-each buyer's e-mail and phone, as written and as JSON or a URL would encode
-them. The scanner itself is shown to catch a secret planted in a real line.
+retries (503, 429, a 500 on pre-confirm, a lost confirm, a revoked token),
+one taken in from the Redis-list intake, and two whose Onebox answers echo
+the buyer (a proxy in front of the sandbox): one refused at the buyer-data
+call and at the release of its seats, one through a 503 there and another on
+its confirm. Then every line of the
+three, and every result, is searched for the API key, each token Onebox
+issued, the Redis password, and each buyer's e-mail, phone and name, as
+written and as JSON or a URL would encode them. The scanner itself is shown to
+catch a secret planted in a real line.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from fulfilment.harness.cluster import Cluster, env_for
 from fulfilment.harness.processes import Child, wait_for, worker_args
 from fulfilment.redis_text import text as redis_text
 from schemas.intent import SeatRef
+from schemas.result import dump_result
+from tests import services
 from tests.deployment import deployment
+from tests.echo_proxy import Echo, echo_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +47,10 @@ TRACE = re.compile(r"[0-9a-f]{32}")
 
 def buyer(n: int) -> dict[str, str]:
     """Personal data nobody could mistake for anything else in a log."""
-    return {"email": f"leak.probe.{n}.{secrets.token_hex(3)}@example.com",
+    tag = secrets.token_hex(3)
+    return {"email": f"leak.probe.{n}.{tag}@example.com",
             "phone": f"+34 6{n:02d} {secrets.randbelow(900) + 100} {secrets.randbelow(900) + 100}",
-            "name": "Ana"}
+            "name": f"Zelda{tag}", "surname": f"Quarrington{tag}"}
 
 
 @pytest.fixture
@@ -54,7 +62,7 @@ def redis_password(redis_url: str) -> Iterator[tuple[str, str]]:
         admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"],
                           channels=["*"], commands=["+@all"])
     except redis.ResponseError as exc:  # a Redis without ACLs: nothing to test with
-        pytest.skip(f"cannot make a Redis user: {exc}")
+        services.unavailable(f"cannot make a Redis user: {exc}")
     host_part = redis_url.split("//", 1)[1]
     try:
         yield f"redis://{user}:{password}@{host_part}", password
@@ -139,10 +147,12 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     url_with_password, password = redis_password
     monkeypatch.setenv("ONEBOX_API_KEY", API_KEY)  # what the sandbox process accepts
-    people = {n: buyer(n) for n in range(6)}
-    with deployment(tmp_path, url_with_password, prefix, "--basket-ttl", "3",
-                    onebox_api_key=API_KEY, retry_deadline=60, onebox_read_timeout=2.0,
-                    lease_ttl=3.0) as cluster:
+    people = {n: buyer(n) for n in range(8)}
+    with echo_proxy("http://upstream.invalid") as proxy, \
+            deployment(tmp_path, url_with_password, prefix, "--basket-ttl", "3",
+                       onebox_api_key=API_KEY, retry_deadline=60, onebox_read_timeout=2.0,
+                       lease_ttl=3.0, onebox_api_url=proxy.url) as cluster:
+        proxy.upstream = cluster.sandbox.url  # the workers reach the sandbox through it
         # Given seat 5 sold at the box office, a worker and beat at DEBUG
         cluster.sell_at_box_office(SeatRef(id=5, session_id=1001))
         keys = cluster.keys
@@ -180,8 +190,23 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
         retried = cluster.collect({"log-retry"})["log-retry"]
         token_after = cached_token(redis_client, prefix)
         faults = cluster.sandbox.admin.audit()["faults"]
+        # and two meet Onebox answers that repeat their buyer data: one refused at the
+        # buyer-data call (and its seats' release refused too), one through a 503 there
+        # and a 503 on its confirm
+        cluster.sandbox.admin.set_faults({})
+        proxy.add(Echo("buyer_data", 400, "DIST0005", match=people[6]["email"]),
+                  Echo("release", 503, "DIST0000", match=people[6]["email"]),
+                  Echo("buyer_data", 503, "DIST0000", match=people[7]["email"]),
+                  Echo("confirm", 503, "DIST0000", match=people[7]["email"]))
+        produced += produce(cluster, [intent("log-echo-refused", [auto(1)], people[6]),
+                                      intent("log-echo-retry", [auto(1)], people[7])],
+                            "logs-echo")
+        echoed = cluster.collect({"log-echo-refused", "log-echo-retry"})
         inventory = cluster.sandbox.admin.inventory(1001)
-    logs = {"worker": worker.output(), "beat": beat.output(), "producer": produced}
+    results = "\n".join(json.dumps(dump_result(outcome))
+                        for outcomes in cluster.results.values() for outcome in outcomes)
+    logs = {"worker": worker.output(), "beat": beat.output(), "producer": produced,
+            "results": results}
 
     # Then the flows went as meant
     assert {r: first[r].status for r in first} == {
@@ -195,6 +220,15 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
                 "pre_confirm": {"error_500"}, "confirm": {"lost_response"}}
     assert {endpoint: set(faults.get(endpoint, {})) for endpoint in injected} == injected
     assert token_before != token_after  # the revoked token was renewed
+    assert proxy.echoed == {"buyer_data": 2, "confirm": 1, "release": 1}
+    refused = echoed["log-echo-refused"]
+    assert refused.status == "failed" and refused.error is not None
+    assert refused.error.code == "DIST0005" and "refused for buyer" in refused.error.message
+    assert echoed["log-echo-retry"].status == "confirmed"
+    # (Onebox's echoing messages reached the logs, scrubbed)
+    echoing = ("buyer_data", "confirm", "release")
+    assert {step for step in echoing if f"{step} refused for buyer" in logs["worker"]} == \
+        set(echoing)
     # and the logs are there to search: DEBUG lines, every step with its trace id
     worker_lines = json_lines(logs["worker"])
     assert any(line["level"] == "DEBUG" for line in worker_lines)
@@ -218,7 +252,7 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
     hidden = {"API key": API_KEY, "Redis password": password, "token before": token_before,
               "token after": token_after}
     for n, person in people.items():
-        hidden |= {f"e-mail {n}": person["email"], f"phone {n}": person["phone"]}
+        hidden |= {f"{what} {n}": value for what, value in person.items()}
     assert leaks(logs, hidden) == []
 
     # (and the scanner finds one planted in a real line, however it is encoded)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import fakeredis
 import pytest
 from kombu import Connection
 
@@ -29,6 +27,7 @@ from fulfilment.topology import Topology
 from schemas.intent import AutoItem, Buyer, SeatRef, load_intent
 from schemas.onebox import Order, OrderItem
 from schemas.result import OrderResult
+from tests.conftest import LedgerStore
 
 NOW = 1_800_000_000.0
 
@@ -154,11 +153,11 @@ class World:
 
 
 @pytest.fixture
-def world() -> Iterator[World]:
+def world(ledger_store: LedgerStore) -> Iterator[World]:
     # The memory transport is shared by the whole process: a prefix per test.
-    prefix = f"unit-{uuid.uuid4().hex[:8]}"
+    prefix = ledger_store.prefix
     settings = Settings.defaults().with_overrides(key_prefix=prefix)
-    client = fakeredis.FakeRedis()
+    client = ledger_store.client  # fakeredis, and a real Redis: the ledger's Lua is Redis's
     keys = Keys(prefix)
     clock = [NOW]
     onebox = FakeOnebox()
@@ -279,6 +278,7 @@ def test_lost_confirm_is_settled_by_reading_the_order(world: World) -> None:
     world.run(reference, attempt=2)
     assert world.onebox.confirms == {reference: 1}
     assert world.onebox.calls[-1] == "get_order"
+    assert world.onebox.calls.count("confirm") == 1  # read back, never sent blindly again
     assert world.results()[0].status == "confirmed"
 
 

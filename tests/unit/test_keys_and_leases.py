@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import string
 
-import fakeredis
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fulfilment.harness.processes import wait_for
 from fulfilment.keys import Keys
 from fulfilment.lease import Leases
+from tests.conftest import LedgerStore
 
 ALPHABET = string.ascii_letters + string.digits + "._:-"
 #: References spelled like the keys we own, and like other intents' keys.
@@ -68,8 +68,9 @@ def test_every_key_of_an_intent_shares_its_hash_tag(prefix: str, reference: str)
         assert key[key.index("{") + 1:key.index("}")] == reference
 
 
-def test_a_lease_is_renewed_while_held_and_lapses_when_its_holder_dies() -> None:
-    leases = Leases(fakeredis.FakeRedis(), Keys("t"), ttl=0.3)
+def test_a_lease_is_renewed_while_held_and_lapses_when_its_holder_dies(
+        ledger_store: LedgerStore) -> None:
+    leases = Leases(ledger_store.client, Keys(ledger_store.prefix), ttl=0.3)
     # While held, the heartbeat keeps it past its time to live
     with leases.take("shop-1") as held:  # type: ignore[union-attr]
         wait_for(lambda: held.renewals >= 3, timeout=10, what="three renewals")
@@ -79,10 +80,28 @@ def test_a_lease_is_renewed_while_held_and_lapses_when_its_holder_dies() -> None
     wait_for(lambda: leases.take("shop-1"), timeout=10, what="the dead holder's lease to lapse")
 
 
-def test_a_lease_held_past_its_longest_hold_is_no_longer_renewed() -> None:
+def test_a_lease_held_past_its_longest_hold_is_no_longer_renewed(
+        ledger_store: LedgerStore) -> None:
     # A hung task thread (no time limit reaches it under the threads pool) keeps its
     # heartbeat alive: past max_hold, the heartbeat lets the lease lapse all the same.
-    leases = Leases(fakeredis.FakeRedis(), Keys("t"), ttl=0.3, max_hold=0.5)
+    leases = Leases(ledger_store.client, Keys(ledger_store.prefix), ttl=0.3, max_hold=0.5)
     with leases.take("shop-1") as held:  # type: ignore[union-attr]
         wait_for(lambda: leases.take("shop-1"), timeout=10, what="the lease to lapse")
         assert held.renewals <= 0.5 / (0.3 / 3) + 1
+
+
+def test_a_stale_holder_neither_renews_nor_releases_the_new_holders_lease(
+        ledger_store: LedgerStore) -> None:
+    # Given a holder whose lease lapsed (it stalled) and another worker holding it now
+    leases = Leases(ledger_store.client, Keys(ledger_store.prefix), ttl=60)
+    stale = leases.take("shop-1")
+    assert stale is not None
+    ledger_store.client.delete(stale.key)
+    fresh = leases.take("shop-1")
+    assert fresh is not None
+    # When the stale one wakes up, renews and lets go
+    assert stale.renew() is False
+    stale.release()
+    # Then the new holder's lease stands, and it still renews it
+    assert leases.take("shop-1") is None
+    assert fresh.renew() is True
