@@ -36,7 +36,13 @@ REFERENCE = "contended-1"
 
 
 class Stalling:
-    """An Onebox client that stalls in its first seats call, before the request leaves."""
+    """An Onebox client that stalls in its first seats call once the request went out.
+
+    (A stall before it leaves marks nothing pending: the next holder carries
+    on in the same basket, and the stale holder's late call meets a confirmed
+    order.) Here the seats are in the first basket and the worker froze before
+    recording them: the next holder must start a new basket.
+    """
 
     def __init__(self, inner: OneboxClient) -> None:
         self.inner = inner
@@ -44,10 +50,11 @@ class Stalling:
         self.resume = threading.Event()
 
     def add_seats_auto(self, order_id: str, item: AutoItem) -> Any:
+        answer = self.inner.add_seats_auto(order_id, item)
         if not self.stalled.is_set():
             self.stalled.set()
             self.resume.wait(timeout=120)
-        return self.inner.add_seats_auto(order_id, item)
+        return answer
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -110,7 +117,7 @@ def test_a_stale_holder_cannot_buy_the_intent_a_second_time(
     entry = second.services.ledger.get(REFERENCE)
     assert entry is not None and entry.outcome is not None
     assert entry.outcome.status == "confirmed" and entry.baskets == 2
-    # and the first wakes up, its seats call landing in the basket it had opened
+    # and the first wakes up, the answer of its seats call in hand
     first.stalling.resume.set()
     stale.join(timeout=60)
     assert not stale.is_alive()
@@ -122,5 +129,6 @@ def test_a_stale_holder_cannot_buy_the_intent_a_second_time(
     assert decision == RetryIn(first.services.leases.ttl, "LEASE_LOST")
     again = second.services.ledger.get(REFERENCE)
     assert again is not None and again.order_id == entry.order_id and again.items_done == 1
+    assert again.item_ids == entry.item_ids
     # (and the intent stays finished: nothing more to do for either)
     assert isinstance(second.advance(), Proceed)
