@@ -86,6 +86,11 @@ class Keys:
     def sweep_lock(self) -> str:
         return f"{self.prefix}:sweep:lock"
 
+    @property
+    def dispatch_owed(self) -> str:
+        """Hash: reference -> its ``updated_at`` when its dispatch failed (``fulfilment.owed``)."""
+        return f"{self.prefix}:dispatch:owed"
+
     def onebox_guard(self, scope: str, kind: str) -> str:
         """A key of the fleet's shared Onebox limits (``rate``, ``breaker``, ``probe``).
 

@@ -20,6 +20,7 @@ from kombu.exceptions import KombuError
 from kombu.pools import producers
 from marshmallow import ValidationError
 
+from fulfilment.outage import BrokerOutage
 from fulfilment.topology import FAILURE_KEY, Topology, routing_key_for
 from schemas.result import OrderResult, dump_result, load_result
 
@@ -142,6 +143,8 @@ def _consume(connection: Connection, queue: Any, load: Callable[[Any], Any], tim
     and is delivered again: at least once, as the consumer contract says.
     """
     recoverable = tuple(connection.recoverable_connection_errors)
+    # One warning when it goes, one when it is back (the CLI shows warnings only).
+    outage = BrokerOutage("results consumer", end_level=logging.WARNING)
     last_message = time.monotonic()
     taken = 0
     if limit is not None and limit <= 0:
@@ -149,8 +152,9 @@ def _consume(connection: Connection, queue: Any, load: Callable[[Any], Any], tim
     while True:
         simple = None
         try:
-            _connect(connection, idle_timeout, last_message)
+            _connect(connection, idle_timeout, last_message, outage)
             simple = connection.SimpleQueue(queue)
+            outage.restored()
             while True:
                 try:
                     message = simple.get(block=True, timeout=timeout)
@@ -174,7 +178,8 @@ def _consume(connection: Connection, queue: Any, load: Callable[[Any], Any], tim
                 if limit is not None and taken >= limit:
                     return
         except recoverable as exc:
-            log.warning("lost the broker connection (%s); reconnecting", type(exc).__name__)
+            outage.lost(exc, what="reconnecting; a result taken but not yet acknowledged "
+                                  "comes again")
             _close_quietly(simple)
             simple = None
             _close_quietly(connection)
@@ -195,10 +200,12 @@ def _text(body: Any) -> str | None:
     return body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
 
 
-def _connect(connection: Connection, idle_timeout: float | None, last_message: float) -> None:
+def _connect(connection: Connection, idle_timeout: float | None, last_message: float,
+             outage: BrokerOutage) -> None:
     """(Re)connect with exponential backoff: for ever, or until the idle time is up."""
     def retrying(exc: Exception, interval: float) -> None:
-        log.warning("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
+        outage.lost(exc, what="reconnecting")
+        log.debug("broker unreachable (%s); retrying in %.1f s", type(exc).__name__, interval)
 
     remaining = None if idle_timeout is None else idle_timeout - (time.monotonic() - last_message)
     # kombu takes floats and None here (its type stubs say int).

@@ -69,8 +69,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
-        # A message the worker cannot run goes to the failures queue (tasks.badmessages).
-        "worker_consumer": "tasks.badmessages:Consumer",
+        # A message the worker cannot run goes to the failures queue (tasks.badmessages);
+        # a broker outage is one warning and one line, in the worker and beat (tasks.brokerwatch).
+        "worker_consumer": "tasks.brokerwatch:Consumer",
+        "beat_scheduler": "tasks.brokerwatch:Scheduler",
     }
 
 
@@ -141,10 +143,12 @@ else:
 @setup_logging.connect
 def _setup_logging(loglevel: str | int | None = None, **_: Any) -> None:
     # Our format carries reference, order id, step and attempt; Celery keeps its hands off.
-    # Celery's own task lines get the intent's reference too (tasks.logsignals).
+    # Celery's own task lines get the intent's reference too (tasks.logsignals); a
+    # broker outage's repeated lines are DEBUG (tasks.brokerwatch).
+    from tasks.brokerwatch import BrokerNoiseFilter
     from tasks.logsignals import TaskContextFilter
 
-    configure_logging(loglevel or "INFO", filters=[TaskContextFilter()])
+    configure_logging(loglevel or "INFO", filters=[TaskContextFilter(), BrokerNoiseFilter()])
 
 
 @worker_process_init.connect

@@ -21,13 +21,17 @@ import redis
 from celery import Task, chain
 from celery.canvas import Signature
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.signals import task_failure
 from kombu.exceptions import OperationalError
 
 from fulfilment import flow, tracing
 from fulfilment.flow import RetryIn, Stage, UnknownIntentError
+from fulfilment.keys import Keys
+from fulfilment.owed import OwedDispatches
 from schemas.result import OrderResult
 from tasks import runtime
 from tasks.app import app
+from tasks.brokerwatch import broker_errors, caused_by_broker
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +109,18 @@ def purchase_chain(reference: str) -> Signature[Any]:
 def dispatch(reference: str, *, new_trace: bool = False) -> None:
     """Start (or restart) the purchase of an admitted intent.
 
-    ``new_trace``: the intent gets a trace of its own (dispatched among many by
-    a fan-out or a sweep) rather than joining the caller's.
+    If the broker cannot take it, the intent is marked as owed a dispatch
+    (``fulfilment.owed``) and the error raised: a worker sends it as soon as it
+    has the broker back, not after the recovery sweep's wait. ``new_trace``: the
+    intent gets a trace of its own (dispatched among many by a fan-out or a
+    sweep) rather than joining the caller's.
     """
     with tracing.intent_span(reference, new_trace=new_trace):
-        purchase_chain(reference).apply_async()
+        try:
+            purchase_chain(reference).apply_async()
+        except broker_errors() as exc:
+            owe([reference], exc)
+            raise
 
 
 def resume(reference: str) -> None:
@@ -131,9 +142,16 @@ def dispatch_batch(self: AnyTask, references: object) -> int:
     """
     items = references if isinstance(references, list) else [references]
     started = 0
-    for reference in items:
+    for index, reference in enumerate(items):
         if isinstance(reference, str) and _REFERENCE.fullmatch(reference):
-            dispatch(reference, new_trace=True)
+            try:
+                with tracing.intent_span(reference, new_trace=True):
+                    purchase_chain(reference).apply_async()
+            except broker_errors() as exc:
+                # This one and the rest were not sent; those before it were.
+                owe([r for r in items[index:] if isinstance(r, str) and _REFERENCE.fullmatch(r)],
+                    exc)
+                raise
             started += 1
         else:
             runtime.services().publisher.publish_failure(
@@ -144,5 +162,40 @@ def dispatch_batch(self: AnyTask, references: object) -> int:
 
 
 def dispatch_many(references: Sequence[str]) -> None:
-    """Start the purchases of many admitted intents with one broker message."""
-    dispatch_batch.apply_async(args=(list(references),))
+    """Start the purchases of many admitted intents with one broker message
+    (marked as owed, as ``dispatch`` does, if the broker cannot take it)."""
+    try:
+        dispatch_batch.apply_async(args=(list(references),))
+    except broker_errors() as exc:
+        owe(references, exc)
+        raise
+
+
+def owe(references: Sequence[str], exc: BaseException) -> None:
+    """Mark these admitted intents as owed a dispatch; never hides the dispatch's error."""
+    services = runtime.services()
+    try:
+        marked = OwedDispatches(services.ledger.redis, Keys(services.settings.key_prefix)
+                                ).mark(references)
+    except redis.RedisError as redis_exc:
+        log.error("dispatch of %d intents failed (%s) and Redis could not mark them owed (%s): "
+                  "the recovery sweep resumes them", len(references), type(exc).__name__,
+                  type(redis_exc).__name__)
+        return
+    log.debug("dispatch of %d intents failed (%s); %d marked owed", len(references),
+              type(exc).__name__, marked)
+
+
+@task_failure.connect
+def _next_step_not_sent(sender: Any = None, exception: BaseException | None = None,
+                        args: Any = None, **_: Any) -> None:
+    """A stage whose work is done but whose next task could not be sent (the broker went
+    away after it ran) fails in Celery's trace: its intent is owed a dispatch."""
+    if getattr(sender, "name", None) not in _STAGES or not caused_by_broker(exception):
+        return
+    reference = args[0] if isinstance(args, list | tuple) and args else None
+    if isinstance(reference, str) and _REFERENCE.fullmatch(reference):
+        owe([reference], exception or OperationalError())
+
+
+_STAGES = {basket.name, confirm.name, pre_confirm.name, publish.name}

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 import redis
@@ -37,7 +38,7 @@ def require(service: str, reachable: bool) -> None:
         unavailable(f"{service} is not reachable")
 
 
-def unavailable(message: str) -> None:
+def unavailable(message: str) -> NoReturn:
     """Skip for want of what a test needs of a service; under CI=true, fail instead."""
     if in_ci():
         pytest.fail(f"{message}, and CI=true: integration tests must run, not skip")

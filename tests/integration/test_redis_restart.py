@@ -130,11 +130,13 @@ def test_a_worker_survives_redis_restarts_with_tasks_in_flight(
         references |= set(batch)
         wait_for(lambda b=batch: alive(all(under_way(worker, r) for r in b)),  # type: ignore[misc]
                  timeout=60, what=f"{batch} under way")
-        connected = worker.output().count("Connected to ")
+        # (after an outage the worker says "broker connection restored", not "Connected to")
+        connected = worker.output().count("broker connection restored")
         # When Redis is stopped and started again
         server.restart()
         # Then the worker loses its connection, gets it back, and stays alive
-        wait_for(lambda c=connected: alive(worker.output().count("Connected to ") > c),  # type: ignore[misc]
+        wait_for(lambda c=connected: alive(  # type: ignore[misc]
+            worker.output().count("broker connection restored") > c),
                  timeout=60, what="the worker to reconnect")
 
     # And every intent gets exactly one outcome, from the same worker process
