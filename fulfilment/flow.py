@@ -324,7 +324,13 @@ def _confirm(services: Services, reference: str, until: float) -> None:
         # "not found" is only conclusive a full time-to-live after it.
         ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
         ledger.record(reference, confirm_sent=True, basket_expires=services.clock() + ttl)
-        order = client.confirm(entry.order_id, reference, entry.intent.payments)
+        try:
+            order = client.confirm(entry.order_id, reference, entry.intent.payments)
+        except (TransientError, PermanentError):
+            # Never sent, or refused (429, 503, 4xx): this confirm did nothing, so
+            # the order stands as before it. Only an unknown outcome keeps the mark.
+            ledger.record(reference, confirm_sent=entry.confirm_sent)
+            raise
         _finish_confirmed(services, entry, order)
 
 

@@ -192,11 +192,11 @@ def test_a_pre_confirm_done_but_never_recorded_starts_a_new_basket(
 # --- item 9: a fence that worked, and a release that does not take --------------------
 def test_a_fence_that_worked_after_a_timed_out_release_starts_a_new_basket(
         services: Services, sandbox: RunningSandbox, clock: Clock) -> None:
-    # Given a confirm refused with a 503 (marked sent, nothing done), reads refused
-    # (403), and the first release of the order timing out (it lands late)
+    # Given a confirm answered 500 (outcome unknown; the sandbox did nothing), reads
+    # refused (403), and the first release of the order timing out (it lands late)
     sandbox.admin.configure(orders_mgmt_read="403")
     sandbox.admin.set_faults({"endpoints": {
-        "confirm": {"script": ["error_503"]},
+        "confirm": {"script": ["error_500"]},
         "release": {"script": ["late"], "late_ms": 1500}}})
     reference = admit(services, seat=41)
     # When the flow settles it

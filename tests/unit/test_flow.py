@@ -99,6 +99,9 @@ class FakeOnebox:
 
     def confirm(self, order_id: str, external_code: str, payments: Any = None) -> Order:
         def act() -> Order:
+            if order_id not in self.orders:
+                raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404,
+                                     step="confirm")
             if self.orders[order_id].status != "PRE_CONFIRM":
                 raise PermanentError("not pre-confirmed", code="DIST0004", status=400,
                                      step="confirm")
@@ -755,9 +758,10 @@ def test_seats_our_abandoned_basket_still_holds_are_released_not_waited_for(
 
 def test_an_order_read_back_in_basket_after_a_confirm_starts_a_new_basket(
         world: World) -> None:
-    # Given a confirm refused for now (503: confirm marked sent, nothing done)
+    # Given a confirm of unknown outcome (a 500: Onebox did nothing, as it happens)
     reference = world.submit()
-    world.onebox.failures["confirm"] = [TransientError("busy", status=503, step="confirm")]
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("failed", status=500,
+                                                            step="confirm")]
     world.run(reference)
     # When the read is throttled: it is asked again later, nothing is released
     world.onebox.failures["get_order"] = [TransientError("throttled", status=429)]
@@ -794,10 +798,11 @@ def test_calls_the_guard_held_back_use_up_no_attempts(world: World) -> None:
 
 
 def test_a_fence_that_worked_after_a_lost_release_starts_a_new_basket(world: World) -> None:
-    # Given a confirm refused for now (503: marked sent, nothing done), reads refused
-    # (403), and a first release Onebox did but whose answer was lost
+    # Given a confirm of unknown outcome (a 500: nothing done, as it happens), reads
+    # refused (403), and a first release Onebox did but whose answer was lost
     reference = world.submit()
-    world.onebox.failures["confirm"] = [TransientError("busy", status=503, step="confirm")]
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("failed", status=500,
+                                                            step="confirm")]
     world.run(reference)
     refuse_order_reads(world, times=50)
     world.onebox.done_then_raise["release"] = [
@@ -841,3 +846,22 @@ def test_a_read_in_an_unknown_status_is_no_proof(world: World) -> None:
     run_until_done(world, reference)
     [result] = world.results()
     assert result.status == "unsettled" and world.onebox.calls.count("create") == 1
+
+
+def test_a_refused_confirm_keeps_no_mark_so_an_expired_basket_is_bought_again(
+        world: World) -> None:
+    # Given a confirm Onebox refused for now (503: it did nothing), then the basket
+    # expiring before the retry (a worker restarted, say)
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [TransientError("busy", status=503, step="confirm")]
+    assert isinstance(world.run(reference), RetryIn)
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and not entry.confirm_sent  # no confirm may have landed
+    world.onebox.orders.clear()
+    world.clock[0] += 700
+    # Then the retry's confirm meets "not found", and with no confirm ever done the
+    # purchase starts anew: bought once, never "unsettled"
+    run_until_done(world, reference)
+    [result] = world.results()
+    assert result.status == "confirmed", result.error
+    assert world.onebox.calls.count("create") == 2
