@@ -578,8 +578,9 @@ def _settle_for_failure(services: Services, entry: Entry) -> tuple[Order | None,
     try:
         order, _ = _where_it_stands(services, entry)
     except FulfilmentError as exc:
-        log.warning("cannot tell whether the confirm went through: %s", exc)
-        return None, False
+        # One answer lost (a fault, a blip) should not decide: ask once more.
+        log.warning("cannot tell yet whether the confirm went through: %s", exc)
+        return _read_again(services, entry)
     if order.status != "PRE_CONFIRM":
         return order, True
     fence = _fence(services, entry)
@@ -589,7 +590,7 @@ def _settle_for_failure(services: Services, entry: Entry) -> tuple[Order | None,
 
 
 def _read_again(services: Services, entry: Entry) -> tuple[Order | None, bool]:
-    """The fence did not take: a last read, settled only by a positive answer."""
+    """A last read by code, settled only by a positive answer."""
     try:
         again = services.client.get_order(entry.code or "")
     except FulfilmentError as exc:
