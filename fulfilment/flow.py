@@ -326,10 +326,12 @@ def _confirm(services: Services, reference: str, until: float) -> None:
         ledger.record(reference, confirm_sent=True, basket_expires=services.clock() + ttl)
         try:
             order = client.confirm(entry.order_id, reference, entry.intent.payments)
-        except (TransientError, PermanentError):
+        except (TransientError, PermanentError) as exc:
             # Never sent, or refused (429, 503, 4xx): this confirm did nothing, so
-            # the order stands as before it. Only an unknown outcome keeps the mark.
-            ledger.record(reference, confirm_sent=entry.confirm_sent)
+            # the order stands as before it. An unknown outcome keeps the mark, and
+            # so does DIST0004: the order may be confirmed already (read it first).
+            if exc.code != STATUS_CONFLICT:
+                ledger.record(reference, confirm_sent=entry.confirm_sent)
             raise
         _finish_confirmed(services, entry, order)
 
