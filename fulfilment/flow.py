@@ -36,6 +36,7 @@ from fulfilment.errors import (
 from fulfilment.lease import Leases
 from fulfilment.ledger import Begun, Entry, LeaseLostError, Ledger, UnknownIntentError
 from fulfilment.logcontext import bound
+from fulfilment.onebox.auth import AuthRefusedError
 from fulfilment.onebox.client import OneboxClient
 from fulfilment.onebox.guard import before_send
 from fulfilment.redact import masking_buyer
@@ -63,6 +64,15 @@ STATUS_CONFLICT = "DIST0004"
 ORDER_FENCED = "ORDER_FENCED"
 #: Ours: Onebox refuses to let us read the order and would not release it.
 CONFIRM_UNREADABLE = "CONFIRM_UNREADABLE"
+#: Ours: the order read in a status that proves nothing either way.
+ORDER_STATUS_UNEXPECTED = "ORDER_STATUS_UNEXPECTED"
+#: Ours: the order read as expired, unconfirmed.
+ORDER_EXPIRED = "ORDER_EXPIRED"
+#: Onebox's answer to a field it refuses (a release naming items the order lacks).
+INVALID_FIELD = "DIST0005"
+#: Giving up on these, a confirm that may have landed is "unsettled" at once: asking
+#: again until the deadline would not change the answer.
+SAY_AT_ONCE = frozenset({CONFIRM_UNREADABLE, ORDER_STATUS_UNEXPECTED})
 #: The status an expired basket may still be read with (or it is simply gone).
 EXPIRED = "EXPIRED"
 #: How long an abandoned basket is assumed to live when Onebox did not say.
@@ -229,8 +239,13 @@ def _after_permanent(services: Services, reference: str, exc: PermanentError) ->
     if exc.code == STATUS_CONFLICT and exc.step != "release":
         # Never a failure by itself: ask Onebox where our order stands.
         return _reconcile(services, reference, exc)
-    if exc.code in {ORDER_NOT_FOUND, ORDER_FENCED}:
-        # The basket expired under us, or we fenced it: nothing was bought, start anew.
+    if exc.code == ORDER_NOT_FOUND and _reread(services, reference).confirm_sent:
+        # A confirm may have landed before the order went missing: a 404 proves
+        # nothing. The next run reads the order, or fences it, before anything else.
+        return _retry_or_fail(services, reference, exc)
+    if exc.code in {ORDER_NOT_FOUND, ORDER_FENCED, ORDER_EXPIRED}:
+        # The basket expired under us, or Onebox shows it unconfirmed for good
+        # (expired, or fenced by us): nothing was bought, start anew.
         return _restart_basket(services, reference, exc)
     if exc.code == SEAT_NOT_AVAILABLE and _orphan_left(services, reference) <= 0 and \
             _free_orphans(services, reference):
@@ -341,96 +356,136 @@ def _confirm(services: Services, reference: str, until: float) -> None:
         _in_time(services, until)
         if entry.confirm_sent:
             # A confirm may have been done: ask Onebox before sending another.
-            found = _read_or_fence(services, entry)
-            if found is None:
-                raise PermanentError("the order expired unconfirmed", code=ORDER_NOT_FOUND,
-                                     step="confirm")
-            order = found
+            order, fenced = _where_it_stands(services, entry)
             log.info("reconciled order %s: %s", entry.code, order.status)
             if order.status == "CONFIRM":
                 _finish_confirmed(services, entry, order)
                 return
-            if order.status not in {"PRE_CONFIRM", "BASKET"}:
-                raise PermanentError(f"order in unexpected status {order.status}",
-                                     code="ORDER_STATUS_UNEXPECTED", step="confirm")
-            if order.status == "BASKET":
-                # Back in BASKET (a release of ours may have emptied it): not
-                # confirmed, and its content unknown. Start again with a new basket.
-                ledger.record(reference, confirm_sent=False)
-                raise OutcomeUnknownError("the order went back to BASKET",
-                                          code="ORDER_BACK_IN_BASKET", step="seats")
+            if order.status != "PRE_CONFIRM":
+                raise _not_confirmed(services, entry, order, fenced=fenced)
         assert entry.order_id is not None
         # Before the call, never after. The call restarts the basket's timer, so
         # "not found" is only conclusive a full time-to-live after it.
         ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
         ledger.record(reference, confirm_sent=True, basket_expires=services.clock() + ttl)
-        order = client.confirm(entry.order_id, reference, entry.intent.payments)
+        try:
+            order = client.confirm(entry.order_id, reference, entry.intent.payments)
+        except (TransientError, PermanentError) as exc:
+            # Never sent, or refused (429, 503, 4xx): this confirm did nothing, so
+            # the order stands as before it. An unknown outcome keeps the mark, and
+            # so does DIST0004: the order may be confirmed already (read it first).
+            if exc.code != STATUS_CONFLICT:
+                ledger.record(reference, confirm_sent=entry.confirm_sent)
+            raise
         _finish_confirmed(services, entry, order)
 
 
-def _settle(services: Services, entry: Entry) -> Order | None:
-    """The order a confirm may have reached, read by its code; None if it is gone.
+def _where_it_stands(services: Services, entry: Entry) -> tuple[Order, bool]:
+    """Where an order a confirm may have reached stands, and whether we fenced it to know.
 
-    A confirmed order is kept for good, so an order that cannot be found once
-    its basket's expiry has passed was never confirmed. Before that, "not
-    found" may only mean the orders-management API has not caught up yet.
+    Only a positive answer counts. First the order read by its code. A read that
+    gives none (refused with 401 or 403, or 404: Onebox may answer 404 for an
+    order this channel may not read, so a 404 proves nothing, expiry or not) is
+    replaced by the fence: releasing the order's seats by id. Onebox releases no
+    confirmed order's seats, and a release that takes sends a PRE_CONFIRM order
+    back to BASKET, where a late confirm cannot land. The release's answer shows
+    the order as a read would (BASKET: fenced; still PRE_CONFIRM: it did not
+    take, and confirming again is as safe as after such a read).
+
+    Returns an order in CONFIRM, PRE_CONFIRM, BASKET or EXPIRED. Otherwise
+    raises: ``TransientError`` to ask again later (``CONFIRM_UNREADABLE`` when
+    Onebox refuses both the read and the fence; ``CONFIRM_UNSETTLED`` when the
+    fence got no answer), ``PermanentError`` for a status we do not know.
     """
     assert entry.code is not None
     try:
         order = services.client.get_order(entry.code)
-        # Onebox may keep an expired basket readable: as unconfirmed as one gone.
-        return None if order.status == EXPIRED else order
+    except AuthRefusedError as exc:
+        unread: FulfilmentError = exc
     except PermanentError as exc:
         if exc.code != ORDER_NOT_FOUND:
             raise
-        conclusive_at = (entry.basket_expires or services.clock()) + CLOCK_SKEW_MARGIN
-        if entry.basket_expires is not None and services.clock() > conclusive_at:
-            return None
+        unread = exc
+    else:
+        if order.status not in {"CONFIRM", "PRE_CONFIRM", "BASKET", EXPIRED}:
+            # Not a status that proves anything either way (refunded? cancelled?).
+            raise PermanentError(f"order in unexpected status {order.status}",
+                                 code=ORDER_STATUS_UNEXPECTED, step="confirm")
+        return order, False
+    log.info("no answer from the order read by code (%s): fencing it", unread.code)
+    fence = _fence(services, entry)
+    if isinstance(fence, Order):
+        return fence, fence.status == "BASKET"
+    if not isinstance(fence, PermanentError):
+        raise TransientError(f"the order cannot be read ({unread.code}) and releasing its "
+                             f"seats got no answer ({fence.code})", code="CONFIRM_UNSETTLED",
+                             step="confirm", trace_id=fence.trace_id,
+                             retry_after=fence.retry_after or unread.retry_after)
+    conclusive_at = (entry.basket_expires or services.clock()) + CLOCK_SKEW_MARGIN
+    if unread.code == ORDER_NOT_FOUND and services.clock() <= conclusive_at:
+        # A read lagging behind, or an order confirmed (so not released): ask again
+        # until the basket would have expired. Waiting is not failing.
         raise NotFoundYetError("order not found by its code yet", code=ORDER_NOT_FOUND,
                                step="get_order",
-                               retry_after=max(conclusive_at - services.clock(), 0.0)) from exc
+                               retry_after=max(conclusive_at - services.clock(), 0.0))
+    # Onebox answers both, and neither says where the order stands. A refusal may
+    # pass (auth trouble): asked again within the attempts, then "unsettled".
+    raise TransientError(f"the order can neither be read ({unread.code}) nor fenced "
+                         f"({fence.code})", code=CONFIRM_UNREADABLE, status=unread.status,
+                         trace_id=unread.trace_id or fence.trace_id, step="confirm",
+                         retry_after=unread.retry_after)
 
 
-def _read_or_fence(services: Services, entry: Entry) -> Order | None:
-    """The order an uncertain confirm may have reached; None if it is gone.
+def _not_confirmed(services: Services, entry: Entry, order: Order, *,
+                   fenced: bool) -> FulfilmentError:
+    """Onebox shows the order unconfirmed for good: record it, and say how to start anew."""
+    ledger, reference = services.ledger, entry.reference
+    if order.status == EXPIRED:
+        # Expired: its seats are free again, nothing left to release.
+        ledger.record(reference, confirm_sent=False, item_ids=[], failures=0)
+        return PermanentError("the order expired unconfirmed", code=ORDER_EXPIRED,
+                              step="confirm")
+    if fenced:
+        # Our release took it back to BASKET: the answer lists what it still holds.
+        ledger.record(reference, confirm_sent=False, item_ids=_item_ids(order), failures=0)
+        return PermanentError("the order could not be read; its seats were released (fenced)",
+                              code=ORDER_FENCED, step="confirm")
+    # Read back in BASKET (a release of ours may have emptied it): not confirmed,
+    # and its content unknown. Start again with a new basket.
+    ledger.record(reference, confirm_sent=False)
+    return OutcomeUnknownError("the order went back to BASKET", code="ORDER_BACK_IN_BASKET",
+                               step="seats")
 
-    When Onebox cannot answer the read (the orders-management API refusing it
-    with 401 or 403, or failing), releasing the order's seats fences it
-    instead: Onebox refuses to release a confirmed order's seats, so a release
-    that works proves the order unconfirmed, and it stays so (a late confirm
-    finds a basket). The purchase then starts again with a new basket.
+
+def _fence(services: Services, entry: Entry) -> Order | FulfilmentError:
+    """Release the order's seats by id; its answer shows where the order stands.
+
+    An answer in BASKET is a fence (see ``_where_it_stands``); any other status
+    is only a read. An earlier release whose answer was lost may have freed the
+    items already, so Onebox refuses them (DIST0005): the buyer data is then set
+    again, which answers with the whole order. Returns the error otherwise: a
+    ``PermanentError`` is Onebox's refusal, anything else no answer.
     """
-    try:
-        return _settle(services, entry)
-    except FulfilmentError as exc:
-        if isinstance(exc, TransientError) and exc.status not in {401, 403}:
-            raise  # Onebox busy, or the order not readable yet: ask again later
-        if _fence(services, entry):
-            raise PermanentError("the order could not be read; its seats were released",
-                                 code=ORDER_FENCED, step="confirm") from exc
-        if exc.status in {401, 403}:
-            # Refused, not failing: no later read will answer, and the fence did not
-            # hold, so the confirm may well have landed. Say so now; an operator
-            # settles it once Onebox lets the order be read.
-            raise PermanentError(f"the order can neither be read ({exc.code}) nor fenced",
-                                 code=CONFIRM_UNREADABLE, status=exc.status,
-                                 trace_id=exc.trace_id, step="confirm") from exc
-        raise TransientError(f"the order can neither be read nor fenced yet ({exc.code})",
-                             code="CONFIRM_UNSETTLED", step="confirm") from exc
-
-
-def _fence(services: Services, entry: Entry) -> bool:
-    """Release the order's seats; True only if Onebox did (a refusal fences nothing)."""
     if entry.order_id is None or not entry.item_ids:
-        return False
+        return PermanentError("no seats known to release", code="NOTHING_TO_RELEASE",
+                              step="release")
     with bound(step="release"):
         try:
-            services.client.release_seats(entry.order_id, entry.item_ids)
+            try:
+                order = services.client.release_seats(entry.order_id, entry.item_ids)
+            except PermanentError as exc:
+                if exc.code != INVALID_FIELD:
+                    raise
+                order = services.client.set_buyer(entry.order_id, entry.intent.buyer)
         except FulfilmentError as exc:
             log.info("fence release refused or failed (%s)", exc.code)
-            return False
-    log.info("order %s fenced: its seats are released", entry.code)
-    return True
+            return exc
+    if order.status == "BASKET":
+        log.info("order %s fenced: its seats are released", entry.code)
+    else:
+        log.warning("release answered with order %s still %s: not fenced", entry.code,
+                    order.status)
+    return order
 
 
 def _finish_confirmed(services: Services, entry: Entry, order: Order) -> None:
@@ -480,7 +535,7 @@ def _restart_basket(services: Services, reference: str, exc: FulfilmentError) ->
         return _fail(services, reference, exc)
     # Only a seats call adds items we may not know of; a lost pre-confirm adds none.
     unknown_items = isinstance(exc, OutcomeUnknownError) and exc.step in {"seats", "seats_auto"}
-    released_all = exc.code == ORDER_FENCED or _release(services, entry, probe=unknown_items)
+    released_all = _release(services, entry, probe=unknown_items)
     # Every call naming the basket (our release attempt too) restarts its timer. A
     # seats call of unknown outcome may still land after we listed and released
     # the basket (Onebox finishing it late), so its seats may be held until then.
@@ -517,8 +572,10 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
     The outcome is written before the seats are released: a worker dying in
     between leaves a failed purchase whose basket expires, never a purchase
     that resumes with seats missing. Where a confirm may have been sent, the
-    order is first fenced (releasing its seats takes it back to BASKET, where a
-    late confirm cannot land) and read again: "failed" only if not confirmed.
+    order is first read or fenced (``_settle_for_failure``): "failed" only if
+    Onebox shows it unconfirmed for good. Then, unless the failure is one
+    another try cannot help, it is no failure at all: the purchase starts again
+    with a new basket, as for any fenced order (within the attempts and time left).
     """
     entry = _reread(services, reference)
     if entry.confirm_sent and entry.code:
@@ -528,8 +585,14 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
             return Proceed()
         if not settled:
             # We cannot tell whether it was bought: never guess "failed".
-            return _unsettled_or_wait(services, entry, exc,
-                                      at_once=exc.code == CONFIRM_UNREADABLE)
+            return _unsettled_or_wait(services, entry, exc, at_once=exc.code in SAY_AT_ONCE)
+        # What the order holds now, as Onebox showed it (an expired one holds nothing).
+        held = _item_ids(order) if order is not None and order.status == "BASKET" else []
+        services.ledger.record(reference, confirm_sent=False, item_ids=held, failures=0)
+        exc = _known_unconfirmed(exc)
+        if exc.retryable:
+            return _restart_basket(services, reference, exc)
+        entry = _reread(services, reference)
     error = ResultError(code=exc.code, message=exc.message, step=exc.step,
                         retryable=exc.retryable, trace_id=exc.trace_id)
     services.ledger.finish(reference, _result(services, entry, FAILED, error=error))
@@ -540,34 +603,47 @@ def _fail(services: Services, reference: str, exc: FulfilmentError) -> Decision:
     return Proceed()
 
 
+def _known_unconfirmed(exc: FulfilmentError) -> FulfilmentError:
+    """``exc``, its message saying that Onebox shows the order unconfirmed, nothing bought."""
+    message = f"{exc.message}; Onebox shows the order unconfirmed (read, or fenced by " \
+              f"releasing its seats): nothing was bought"
+    return type(exc)(message, code=exc.code, status=exc.status, trace_id=exc.trace_id,
+                     step=exc.step, retry_after=exc.retry_after)
+
+
 def _settle_for_failure(services: Services, entry: Entry) -> tuple[Order | None, bool]:
-    """Before failing a purchase whose confirm may have been sent: was it bought?
+    """Before giving up on a purchase whose confirm may have been sent: was it bought?
 
-    Returns the order when it is confirmed, and whether the question is
-    settled. Settled unconfirmed means gone, past PRE_CONFIRM's reach (BASKET or
-    any other status), or fenced by a release Onebox accepted. A release it
-    refused fences nothing: the order is read once more, and if still not
-    confirmed the answer stays open (a late confirm could yet land).
+    Returns whether the question is settled, and if so the order as Onebox
+    showed it (confirmed, or not). Settled unconfirmed means read in BASKET or EXPIRED, or fenced (a
+    release whose answer shows the order back in BASKET). An order still in
+    PRE_CONFIRM is fenced now (a late confirm could land); if that does not
+    take, it is read once more, and unless it reads confirmed, BASKET or
+    EXPIRED, the answer stays open. A 404 or a refusal settles nothing.
     """
-    order = _try_settle(services, entry)
-    if isinstance(order, Order) and order.status != "PRE_CONFIRM":
-        return order, True
-    if order is None:
-        return None, True
-    if _fence(services, entry):
-        return None, True
-    again = _try_settle(services, entry)
-    if isinstance(again, Order) and again.status == "CONFIRM":
-        return again, True
-    return None, again is None
-
-
-def _try_settle(services: Services, entry: Entry) -> Order | FulfilmentError | None:
     try:
-        return _settle(services, entry)
+        order, _ = _where_it_stands(services, entry)
+    except FulfilmentError as exc:
+        # One answer lost (a fault, a blip) should not decide: ask once more.
+        log.warning("cannot tell yet whether the confirm went through: %s", exc)
+        return _read_again(services, entry)
+    if order.status != "PRE_CONFIRM":
+        return order, True
+    fence = _fence(services, entry)
+    if isinstance(fence, Order) and fence.status == "BASKET":
+        return fence, True
+    return _read_again(services, entry)
+
+
+def _read_again(services: Services, entry: Entry) -> tuple[Order | None, bool]:
+    """A last read by code, settled only by a positive answer."""
+    try:
+        again = services.client.get_order(entry.code or "")
     except FulfilmentError as exc:
         log.warning("cannot read the order to settle its confirm: %s", exc)
-        return exc
+        return None, False
+    settled = again.status in {"CONFIRM", "BASKET", EXPIRED}
+    return (again, True) if settled else (None, False)
 
 
 def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError, *,
@@ -594,25 +670,24 @@ def _reconcile(services: Services, reference: str, exc: PermanentError) -> Decis
     """Onebox says our order is past the status the call needs: act on what it holds.
 
     Only a ledger that lost progress (or an Onebox that moved the order on its
-    own) gets here. Without the order's code it cannot be read, and it may be
-    confirmed: never a new basket, never "failed".
+    own) gets here: typically a pre-confirm sent again after its answer was
+    lost. Without the order's code it cannot be read; if no confirm was ever
+    sent for it, nothing can have been bought: it is released by id and the
+    purchase starts again with a new basket. Otherwise it is read (or fenced).
     """
     entry = _reread(services, reference)
     log.warning("Onebox says order %s is past this step (%s): reading it", entry.order_id,
                 exc.code)
     if entry.code is None:
-        return _unsettled_or_wait(services, entry, exc) if entry.confirm_sent else \
-            _finish_unreadable(services, entry, exc)
-    found = _try_settle(services, entry)
-    if isinstance(found, FulfilmentError):
-        return _retry_or_fail(services, reference, found)
-    if found is None:
-        return _restart_basket(services, reference,
-                               PermanentError("the order is gone", code=ORDER_NOT_FOUND,
-                                              step=exc.step))
-    if found.status == "CONFIRM":
-        _finish_confirmed(services, entry, found)
-        return Proceed()
+        return _reconcile_uncoded(services, entry, exc)
+    try:
+        found, fenced = _where_it_stands(services, entry)
+    except TransientError as error:
+        return _after_transient(services, reference, error)  # NotFoundYet waits
+    except FulfilmentError as error:  # a status that proves nothing: ask again
+        return _retry_or_fail(services, reference, error)
+    if found.status == "CONFIRM" or fenced or found.status == EXPIRED:
+        return _settled_by(services, entry, found, fenced=fenced)
     if exc.step == "confirm" or found.status == "BASKET":
         # The read contradicts the refusal: it lags behind. Ask again shortly.
         stale = TransientError("Onebox's read lags behind its answer", code="ORDER_STATUS_STALE",
@@ -625,15 +700,24 @@ def _reconcile(services: Services, reference: str, exc: PermanentError) -> Decis
     return RetryIn(0.0, "reconciled with Onebox")
 
 
-def _finish_unreadable(services: Services, entry: Entry, exc: PermanentError) -> Decision:
-    """An order of ours past BASKET whose code we never learnt: maybe bought, say so."""
-    error = ResultError(code="ORDER_STATUS_UNKNOWN",
-                        message="Onebox says the order is past the basket but its code was "
-                                "never recorded; it may be confirmed: check it by order id",
-                        step=exc.step, retryable=False, trace_id=exc.trace_id)
-    services.ledger.finish(entry.reference, _result(services, entry, UNSETTLED, error=error))
-    log.error("purchase unsettled: order %s past the basket, code unknown", entry.order_id)
-    return Proceed()
+def _settled_by(services: Services, entry: Entry, order: Order, *, fenced: bool) -> Decision:
+    """Onebox shows where the order stands for good: confirmed, or never (start anew)."""
+    if order.status == "CONFIRM":
+        _finish_confirmed(services, entry, order)
+        return Proceed()
+    gone = _not_confirmed(services, entry, order, fenced=fenced)
+    return _restart_basket(services, entry.reference, gone)
+
+
+def _reconcile_uncoded(services: Services, entry: Entry, exc: PermanentError) -> Decision:
+    """Past BASKET, code never recorded: unsettled only if a confirm may have gone out."""
+    if entry.confirm_sent:
+        return _unsettled_or_wait(services, entry, exc)
+    lost = PermanentError("the order was pre-confirmed but its code never recorded; no "
+                          "confirm was sent, so it was released and a new basket started",
+                          code=exc.code, status=exc.status, trace_id=exc.trace_id,
+                          step=exc.step)
+    return _restart_basket(services, entry.reference, lost)
 
 
 def _release(services: Services, entry: Entry, *, probe: bool = False) -> bool:

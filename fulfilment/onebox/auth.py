@@ -45,6 +45,19 @@ LOCK_WAIT = 15.0
 #: Longest a renewal may hold the lock (a crashed holder frees it after this).
 LOCK_TTL = 30.0
 
+
+
+class AuthRefusedError(TransientError):
+    """Onebox refused our credentials or token (401 or 403): nothing was done.
+
+    Auth trouble passes (a token revoked under us, an auth outage, a key being
+    rotated): the flow waits it out within the intent's time budget before any
+    verdict, never fails or settles on it at once.
+    """
+
+    default_code = "AUTH_REFUSED"
+
+
 # Compare-and-delete: forget the shared token only if it is still the one that
 # was refused, so a worker late with its 401 does not throw away a fresh token.
 _DELETE_IF_SAME = """
@@ -257,6 +270,7 @@ class TokenProvider:
         # Refused credentials. A wrong key stays wrong, but an auth outage or a key
         # being rotated passes: within the retry deadline it is worth waiting out,
         # and nothing was bought meanwhile. (A wrong key at start-up is an operator's.)
-        return TransientError("Onebox refused the channel's credentials", code=code,
+        kind = AuthRefusedError if status in (401, 403) else TransientError
+        return kind("Onebox refused the channel's credentials", code=code,
                               status=status, trace_id=trace_id, step=STEP,
                               retry_after=AUTH_RETRY_AFTER)

@@ -23,7 +23,7 @@ from requests.adapters import HTTPAdapter
 from fulfilment.config import Settings
 from fulfilment.errors import OutcomeUnknownError, TransientError
 from fulfilment.logcontext import bound
-from fulfilment.onebox.auth import AUTH_RETRY_AFTER, TokenProvider
+from fulfilment.onebox.auth import AUTH_RETRY_AFTER, AuthRefusedError, TokenProvider
 from fulfilment.onebox.guard import OneboxGuard, guarded
 from fulfilment.onebox.transport import TRACE_HEADER, classify_send_error, error_for_response
 from fulfilment.redact import masking_buyer
@@ -141,9 +141,16 @@ class OneboxClient:
             if response.status_code == 401:
                 # Refused twice: nothing was done. Auth trouble passes (a revocation
                 # racing us, an outage); the flow retries within its deadline.
-                raise TransientError("Onebox refused a fresh token", code="AUTH_REFUSED",
-                                     status=401, trace_id=response.headers.get(TRACE_HEADER),
-                                     step=step, retry_after=AUTH_RETRY_AFTER)
+                raise AuthRefusedError("Onebox refused a fresh token", status=401,
+                                       trace_id=response.headers.get(TRACE_HEADER),
+                                       step=step, retry_after=AUTH_RETRY_AFTER)
+        if response.status_code == 403:
+            # Forbidden: refused, so nothing was done. Like a 401, auth trouble that may
+            # pass (a permission being granted, an auth outage): the flow waits it out.
+            error = error_for_response(response, step=step, idempotent=True)
+            raise AuthRefusedError(error.message, code=error.code, status=403,
+                                   trace_id=error.trace_id, step=step,
+                                   retry_after=AUTH_RETRY_AFTER)
         if not 200 <= response.status_code < 300:
             error = error_for_response(response, step=step, idempotent=method == "GET")
             with bound(trace=error.trace_id):

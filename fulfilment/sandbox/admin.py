@@ -60,6 +60,11 @@ class SandboxAdmin:
         result: dict[str, Any] = self._call("GET", "audit")
         return result
 
+    def confirm_calls(self) -> dict[str, int]:
+        """Order id -> how many confirm calls named it (any answer, injected faults too)."""
+        result: dict[str, int] = self._call("GET", "confirm-calls")["orders"]
+        return result
+
     def inventory(self, session_id: int) -> dict[str, Any]:
         """Seat states and place counts of a session."""
         result: dict[str, Any] = self._call("GET", "inventory", params={"session_id": session_id})

@@ -176,6 +176,8 @@ class SandboxApp:
         self.tokens = TokenStore(clock)
         self.token_ttl = options.token_ttl
         self.requests: dict[str, int] = {}
+        #: Order id -> confirm calls that named it (reached the sandbox, whatever the answer).
+        self.confirm_calls: dict[str, int] = {}
         #: Unix second -> [calls that reached an endpoint, of them refused by the rate limit].
         self.per_second: dict[int, list[int]] = {}
         self._clock = clock
@@ -194,6 +196,7 @@ class SandboxApp:
         control: dict[str, dict[str, Callable[[Request], dict[str, Any]]]] = {
             "/health": {"GET": lambda _: {"ok": True}},
             "/audit": {"GET": self._audit},
+            "/confirm-calls": {"GET": lambda _: {"orders": dict(self.confirm_calls)}},
             "/inventory": {"GET": self._inventory},
             "/faults": {"GET": self._get_faults, "POST": self._set_faults},
             "/config": {"GET": self._get_config, "POST": self._set_config},
@@ -217,6 +220,10 @@ class SandboxApp:
             return self._method_not_allowed(routes)
         endpoint = route.endpoint
         self.requests[endpoint] = self.requests.get(endpoint, 0) + 1
+        if endpoint == "confirm":
+            # Which orders a confirm ever reached: what an "unsettled" outcome may claim.
+            order_id = request.headers.get("ob-order-id", "").strip()[:64]
+            self.confirm_calls[order_id] = self.confirm_calls.get(order_id, 0) + 1
         decision = self.faults.decide(endpoint)
         self._count_second(decision.outcome == "rate_limit")
         if decision is OK:
@@ -472,6 +479,8 @@ class SandboxApp:
             if self._mgmt_read == "401":
                 raise OAuthError(401, "invalid_token",
                                  "the token is not valid for the orders-management API")
+            if self._mgmt_read == "404":
+                raise ApiError(404, "ORDER_NOT_FOUND", "order not found")
             raise ApiError(403, "FORBIDDEN_RESOURCE",
                            "the channel may not use the orders-management API")
         code = unquote(request.path[len(GET_ORDER_PREFIX):])
@@ -568,6 +577,7 @@ class SandboxApp:
         self.tokens.revoke_all()
         self.tokens.issued = 0
         self.requests.clear()
+        self.confirm_calls.clear()
         self.per_second.clear()
         self.faults = FaultInjector(FaultPlan(), options.seed)
         return {"ok": True}

@@ -30,10 +30,12 @@ class BehaviourError(ValueError):
 class Behaviour:
     """How the sandbox answers where the real API's behaviour is unknown."""
 
-    #: Releasing seats of a PRE_CONFIRM order: it goes back to BASKET, or DIST0004.
-    release_outside_basket: Literal["to_basket", "refuse"] = "to_basket"
-    #: The orders-management read by code: works, or always 401 / 403 for this channel.
-    orders_mgmt_read: Literal["ok", "401", "403"] = "ok"
+    #: Releasing seats of a PRE_CONFIRM order: it goes back to BASKET, DIST0004, or a
+    #: 200 that does not take (nothing released, the order stays PRE_CONFIRM).
+    release_outside_basket: Literal["to_basket", "refuse", "ignored"] = "to_basket"
+    #: The orders-management read by code: works, or always 401 / 403 / 404 for this
+    #: channel (404: as for an order it may not read, existing or not).
+    orders_mgmt_read: Literal["ok", "401", "403", "404"] = "ok"
     #: Milliseconds the orders-management read lags behind the distribution API.
     orders_mgmt_lag_ms: int = 0
     #: Which orders the orders-management read shows: any with a code, or confirmed only.

@@ -253,6 +253,7 @@ class SandboxState:
         self._lag = lag
         self._idempotent = behaviour.repeat_status_call == "idempotent"
         self._release_refuse = behaviour.release_outside_basket == "refuse"
+        self._release_ignored = behaviour.release_outside_basket == "ignored"
         self._expired_readable = behaviour.expired_orders == "readable"
         self._reads_touch = behaviour.reads_touch
         self._per_call = behaviour.seats_auto_items == "per_call"
@@ -562,6 +563,8 @@ class SandboxState:
         if order.status == CONFIRM:
             raise ApiError(400, "DIST0004", "cannot release seats of a confirmed order")
         self.check_status(order, RELEASE, "release seats of")
+        if order.status == PRE_CONFIRM and self._release_ignored:
+            return  # answered 200, but it does not take: nothing released, still PRE_CONFIRM
         unknown = [item_id for item_id in item_ids if item_id not in order.items]
         if unknown:
             if not self._ignore_unknown:

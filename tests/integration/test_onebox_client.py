@@ -14,7 +14,7 @@ import requests
 from fulfilment.config import Settings
 from fulfilment.errors import FulfilmentError, OutcomeUnknownError, PermanentError, TransientError
 from fulfilment.onebox import OneboxClient, TokenProvider, build_client
-from fulfilment.onebox.auth import CachedToken
+from fulfilment.onebox.auth import AuthRefusedError, CachedToken
 from fulfilment.onebox.client import new_session
 from fulfilment.sandbox import RunningSandbox
 from schemas.intent import AutoItem, Buyer, SeatRef
@@ -332,6 +332,31 @@ def test_refused_credentials_are_transient_within_the_deadline(
         bad.close()
 
 
+def test_a_403_on_a_distribution_call_is_auth_trouble_never_a_failure(
+        client: OneboxClient, sandbox: RunningSandbox) -> None:
+    # Given Onebox answering 403 to a seats call (it did nothing)
+    order = client.create_order()
+    sandbox.admin.set_faults({"endpoints": {"seats": {"script": ["error_403"]}}})
+    # Then it is auth trouble to wait out, not a permanent refusal of the purchase
+    with pytest.raises(AuthRefusedError) as caught:
+        client.add_seats(order.id, [SeatRef(id=51, session_id=1001)])
+    assert isinstance(caught.value, TransientError)
+    assert (caught.value.status, caught.value.code) == (403, "FORBIDDEN_RESOURCE")
+    assert caught.value.retry_after and caught.value.trace_id
+    # And nothing was done: the same call goes through now
+    assert [i.seat_id for i in client.add_seats(order.id, [SeatRef(id=51, session_id=1001)])
+            .items] == [51]
+
+
+def test_a_401_from_the_token_endpoint_is_auth_trouble(
+        client: OneboxClient, sandbox: RunningSandbox) -> None:
+    sandbox.admin.revoke_tokens()
+    sandbox.admin.set_faults({"endpoints": {"token": {"script": ["error_401"]}}})
+    with pytest.raises(AuthRefusedError) as caught:
+        client.get_order("AX59SJ29392X")
+    assert (caught.value.status, caught.value.step) == (401, "token")
+
+
 def test_a_second_401_is_transient(settings: Settings, redis_client: redis.Redis) -> None:
     # A token refused, renewed, and refused again: auth trouble, not a failed purchase
     class Refusing(requests.Session):
@@ -345,7 +370,7 @@ def test_a_second_401_is_transient(settings: Settings, redis_client: redis.Redis
     tokens = TokenProvider(settings, redis_client)
     client = OneboxClient(settings, tokens, Refusing())
     tokens._local = CachedToken("t", float("inf"), float("inf"))
-    with pytest.raises(TransientError) as caught:
+    with pytest.raises(AuthRefusedError) as caught:
         client.create_order()
     assert caught.value.code == "AUTH_REFUSED"
 

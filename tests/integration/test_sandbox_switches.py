@@ -339,6 +339,10 @@ def test_release_outside_basket(api: Api, sandbox: RunningSandbox) -> None:
                  400, "DIST0004")
     assert status_of(api.get_order(pre["code"])) == "PRE_CONFIRM"
     assert sandbox.admin.inventory(1002)["capacity"]["3"]["held"] == 1
+    configure(sandbox, release_outside_basket="ignored")
+    kept = api.ok(f"seats?id={item}", method="DELETE", order_id=pre["id"])
+    assert (kept["status"]["type"], [i["id"] for i in kept["items"]]) == ("PRE_CONFIRM", [item])
+    assert sandbox.admin.inventory(1002)["capacity"]["3"]["held"] == 1
     configure(sandbox, release_outside_basket="to_basket")
     released = api.ok(f"seats?id={item}", method="DELETE", order_id=pre["id"])
     assert (released["status"]["type"], released["items"]) == ("BASKET", [])
@@ -357,8 +361,26 @@ def test_orders_mgmt_read(api: Api, sandbox: RunningSandbox) -> None:
     assert api.call("confirm", {}, order_id=pre["id"]).status_code == 200  # the token is good
     configure(sandbox, orders_mgmt_read="403")
     assert_error(api.get_order(pre["code"]), 403, "FORBIDDEN_RESOURCE")
+    # 404 for an order that exists, as for one this channel may not read
+    configure(sandbox, orders_mgmt_read="404")
+    assert_error(api.get_order(pre["code"]), 404, "ORDER_NOT_FOUND")
+    assert_error(api.get_order("NOSUCHCODE00"), 404, "ORDER_NOT_FOUND")
     configure(sandbox, orders_mgmt_read="ok")
     assert status_of(api.get_order(pre["code"])) == "CONFIRM"
+
+
+def test_confirm_calls_are_recorded_per_order_whatever_the_answer(
+        api: Api, sandbox: RunningSandbox) -> None:
+    # Given one order confirmed after an injected 503, and one never confirmed
+    confirmed, untouched = api.pre_confirmed(), api.pre_confirmed()
+    sandbox.admin.set_faults({"endpoints": {"confirm": {"script": ["error_503"]}}})
+    assert api.call("confirm", {}, order_id=confirmed["id"]).status_code == 503
+    api.ok("confirm", {}, order_id=confirmed["id"])
+    # Then the record names every confirm call that reached the sandbox, by order
+    calls = sandbox.admin.confirm_calls()
+    assert calls[confirmed["id"]] == 2 and untouched["id"] not in calls
+    sandbox.admin.reset()
+    assert sandbox.admin.confirm_calls() == {}
 
 
 def test_orders_mgmt_lag(api: Api, sandbox: RunningSandbox, clock: Clock) -> None:

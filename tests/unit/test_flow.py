@@ -21,6 +21,7 @@ from fulfilment.flow import Proceed, RetryIn, Services, Stage, UnknownIntentErro
 from fulfilment.keys import Keys
 from fulfilment.lease import Leases
 from fulfilment.ledger import Admission, Ledger
+from fulfilment.onebox.auth import AuthRefusedError
 from fulfilment.results import ResultPublisher, consume_results
 from fulfilment.retry import RetryPolicy
 from fulfilment.topology import Topology
@@ -97,6 +98,9 @@ class FakeOnebox:
 
     def confirm(self, order_id: str, external_code: str, payments: Any = None) -> Order:
         def act() -> Order:
+            if order_id not in self.orders:
+                raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404,
+                                     step="confirm")
             if self.orders[order_id].status != "PRE_CONFIRM":
                 raise PermanentError("not pre-confirmed", code="DIST0004", status=400,
                                      step="confirm")
@@ -110,6 +114,10 @@ class FakeOnebox:
                 raise PermanentError("no such order", code="ORDER_NOT_FOUND", status=404)
             if self.orders[order_id].status == "CONFIRM" or self.refuse_release:
                 raise PermanentError("not in basket", code="DIST0004", status=400,
+                                     step="release")
+            held = {item.id for item in self.orders[order_id].items}
+            if set(item_ids) - held:
+                raise PermanentError("items not in the order", code="DIST0005", status=400,
                                      step="release")
             self.released.extend(item_ids)
             keep = tuple(i for i in self.orders[order_id].items if i.id not in item_ids)
@@ -405,7 +413,9 @@ def test_giving_up_on_a_sent_confirm_fences_the_order_before_saying_failed(
     # confirmed order's seats), then failed
     assert world.onebox.calls[-3:] == ["confirm", "get_order", "release"]
     assert world.onebox.confirms == {}
-    assert world.results()[0].status == "failed"
+    [result] = world.results()
+    assert result.status == "failed" and result.error is not None
+    assert result.error.code == "TRANSIENT" and "nothing was bought" in result.error.message
 
 
 def test_a_late_confirm_caught_by_the_fence_is_reported_confirmed(world: World) -> None:
@@ -458,12 +468,16 @@ def test_waiting_for_not_found_to_be_conclusive_does_not_use_up_attempts(
     for _ in range(20):
         decision = world.run(reference)
         assert isinstance(decision, RetryIn) and decision.reason == "ORDER_NOT_FOUND"
-    # Then, once it has, the purchase starts a new basket rather than failing
+    # Then, once it has, a 404 still proves nothing (Onebox may answer 404 for an
+    # order this channel may not read): never bought again, and in the end unsettled
     world.clock[0] += 700
-    assert isinstance(world.run(reference), RetryIn)
-    world.run(reference)
-    assert world.results()[0].status == "confirmed"
-    assert world.onebox.calls.count("create") == 2
+    decisions = [world.run(reference) for _ in range(6)]
+    assert isinstance(decisions[-1], Proceed)
+    assert {d.reason for d in decisions[:-1] if isinstance(d, RetryIn)} == {"CONFIRM_UNREADABLE"}
+    [result] = world.results()
+    assert result.status == "unsettled" and result.order_code
+    assert result.error is not None and "ORDER_NOT_FOUND" in result.error.message
+    assert world.onebox.calls.count("create") == 1
 
 
 # --- trust: what a lost write, a late answer or another Onebox answer must not break ---
@@ -508,18 +522,26 @@ def test_a_status_conflict_on_a_confirmed_order_is_read_and_reported_confirmed(
     assert world.onebox.confirms == {reference: 1}
 
 
-def test_a_status_conflict_without_a_code_is_unsettled_never_a_new_basket(
+def test_a_pre_confirm_sent_again_meeting_a_status_conflict_starts_a_new_basket(
         world: World) -> None:
+    # Given a pre-confirm Onebox did but whose code was never recorded (the answer
+    # lost with the worker), sent again: Onebox answers DIST0004
     reference = world.submit()
     world.run(reference, Stage.BASKET)
+    [first] = world.onebox.orders
+    world.onebox.pre_confirm(first)
     world.onebox.failures["pre_confirm"] = [
         PermanentError("status does not allow it", code="DIST0004", step="pre_confirm")]
+    # When the flow meets it: no confirm was ever sent, so nothing can be bought
+    decision = world.run(reference)
+    assert isinstance(decision, RetryIn)
+    # Then the order is released by id and a new basket bought, never "unsettled"
+    assert sorted(world.onebox.released) == [1, 2, 3]
+    assert world.onebox.orders[first].status == "BASKET"
     assert isinstance(world.run(reference), Proceed)
     [result] = world.results()
-    assert result.status == "unsettled" and result.order_id
-    assert result.error is not None and result.error.code == "ORDER_STATUS_UNKNOWN"
-    assert world.onebox.calls.count("create") == 1
-    assert world.onebox.released == []
+    assert result.status == "confirmed"
+    assert world.onebox.calls.count("create") == 2 and world.onebox.confirms == {reference: 1}
 
 
 def test_a_refused_release_is_no_fence_and_the_deadline_says_unsettled(world: World) -> None:
@@ -571,10 +593,21 @@ def test_settle_says_failed_once_the_order_is_fenced(world: World) -> None:
     assert world.onebox.confirms == {}
 
 
-def refuse_order_reads(world: World) -> None:
+def run_until_done(world: World, reference: str, runs: int = 12) -> list[Any]:
+    """Run the intent until it has an outcome (or ``runs`` times); every decision."""
+    decisions = []
+    for _ in range(runs):
+        decisions.append(world.run(reference))
+        if isinstance(decisions[-1], Proceed):
+            break
+    return decisions
+
+
+def refuse_order_reads(world: World, times: int = 5) -> None:
     """The orders-management read answers 403, as it may for a channel not allowed it."""
     world.onebox.failures["get_order"] = [
-        PermanentError("forbidden", code="FORBIDDEN_RESOURCE", status=403)] * 5
+        AuthRefusedError("forbidden", code="FORBIDDEN_RESOURCE", status=403,
+                         step="get_order", retry_after=5.0)] * times
 
 
 def test_a_refused_order_read_is_replaced_by_a_fence_and_a_new_basket(world: World) -> None:
@@ -682,15 +715,19 @@ def test_a_lagging_read_is_asked_again_never_confirmed_twice(world: World) -> No
     assert world.onebox.confirms == {reference: 1}
 
 
-def test_a_refused_read_and_a_refused_fence_is_unsettled_at_once(world: World) -> None:
+def test_a_refused_read_and_a_refused_fence_is_waited_out_then_unsettled(
+        world: World) -> None:
     # Given a confirm that landed but whose answer was lost, an order Onebox will
     # not let us read (403) and, being confirmed, will not release
     reference = world.submit()
     world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
     world.run(reference)
-    refuse_order_reads(world)
-    # Then the purchase ends unsettled at once, never failed, never bought again
-    assert isinstance(world.run(reference), Proceed)
+    refuse_order_reads(world, times=50)
+    # Then the refusal is asked again (it may pass) within the attempts, and the
+    # purchase ends unsettled, never failed, never bought again
+    decisions = run_until_done(world, reference)
+    assert len(decisions) >= 4, decisions  # waited, not "unsettled" at the first refusal
+    assert all(d.delay >= 5.0 for d in decisions if isinstance(d, RetryIn))
     [result] = world.results()
     assert result.status == "unsettled" and result.order_code
     assert result.error is not None and "FORBIDDEN_RESOURCE" in result.error.message
@@ -721,9 +758,10 @@ def test_seats_our_abandoned_basket_still_holds_are_released_not_waited_for(
 
 def test_an_order_read_back_in_basket_after_a_confirm_starts_a_new_basket(
         world: World) -> None:
-    # Given a confirm refused for now (503: confirm marked sent, nothing done)
+    # Given a confirm of unknown outcome (a 500: Onebox did nothing, as it happens)
     reference = world.submit()
-    world.onebox.failures["confirm"] = [TransientError("busy", status=503, step="confirm")]
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("failed", status=500,
+                                                            step="confirm")]
     world.run(reference)
     # When the read is throttled: it is asked again later, nothing is released
     world.onebox.failures["get_order"] = [TransientError("throttled", status=429)]
@@ -757,3 +795,73 @@ def test_calls_the_guard_held_back_use_up_no_attempts(world: World) -> None:
     assert world.onebox.calls.count("create") == 9 and world.onebox.released == []
     [result] = world.results()
     assert result.status == "confirmed"
+
+
+def test_a_fence_that_worked_after_a_lost_release_starts_a_new_basket(world: World) -> None:
+    # Given a confirm of unknown outcome (a 500: nothing done, as it happens), reads
+    # refused (403), and a first release Onebox did but whose answer was lost
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("failed", status=500,
+                                                            step="confirm")]
+    world.run(reference)
+    refuse_order_reads(world, times=50)
+    world.onebox.done_then_raise["release"] = [
+        OutcomeUnknownError("timed out", code="READ_TIMEOUT", step="release")]
+    # When the flow settles it: the next release finds the items gone (DIST0005),
+    # and the order, listed by setting its buyer again, back in BASKET
+    decisions = run_until_done(world, reference)
+    # Then the fence is no failure: a new basket, bought once
+    [result] = world.results()
+    assert result.status == "confirmed", (result.error, decisions)
+    assert world.onebox.confirms == {reference: 1}
+    assert world.onebox.calls.count("create") == 2
+
+
+def test_a_token_refused_for_a_moment_after_a_lost_confirm_is_no_verdict(
+        world: World) -> None:
+    # Given a confirm that landed but whose answer was lost, then the token endpoint
+    # refusing the channel (401) for the read and the fence alike
+    reference = world.submit()
+    world.onebox.done_then_raise["confirm"] = [OutcomeUnknownError("lost", step="confirm")]
+    world.run(reference)
+    blip = AuthRefusedError("refused", code="invalid_client", status=401, step="token",
+                            retry_after=5.0)
+    world.onebox.failures["get_order"] = [blip] * 3
+    world.onebox.failures["release"] = [blip] * 3
+    # Then it is waited out, never "unsettled" at once: confirmed once auth is back
+    decisions = run_until_done(world, reference)
+    assert [type(d) for d in decisions] == [RetryIn] * 3 + [Proceed]
+    assert world.results()[0].status == "confirmed"
+    assert world.onebox.confirms == {reference: 1}
+
+
+def test_a_read_in_an_unknown_status_is_no_proof(world: World) -> None:
+    # Given a confirm of unknown outcome, and a read showing a status we do not know
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [OutcomeUnknownError("timeout", step="confirm")]
+    world.run(reference)
+    [order_id] = world.onebox.orders
+    world.onebox.orders[order_id] = replace(world.onebox.orders[order_id], status="CANCELLED")
+    # Then it is neither bought again nor failed: unsettled
+    run_until_done(world, reference)
+    [result] = world.results()
+    assert result.status == "unsettled" and world.onebox.calls.count("create") == 1
+
+
+def test_a_refused_confirm_keeps_no_mark_so_an_expired_basket_is_bought_again(
+        world: World) -> None:
+    # Given a confirm Onebox refused for now (503: it did nothing), then the basket
+    # expiring before the retry (a worker restarted, say)
+    reference = world.submit()
+    world.onebox.failures["confirm"] = [TransientError("busy", status=503, step="confirm")]
+    assert isinstance(world.run(reference), RetryIn)
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and not entry.confirm_sent  # no confirm may have landed
+    world.onebox.orders.clear()
+    world.clock[0] += 700
+    # Then the retry's confirm meets "not found", and with no confirm ever done the
+    # purchase starts anew: bought once, never "unsettled"
+    run_until_done(world, reference)
+    [result] = world.results()
+    assert result.status == "confirmed", result.error
+    assert world.onebox.calls.count("create") == 2

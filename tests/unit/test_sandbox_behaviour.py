@@ -99,6 +99,8 @@ def test_from_dict_validates_and_round_trips() -> None:
         {"no_such_switch": 1},
         {"orders_mgmt_read": 401},  # the choices are strings
         {"orders_mgmt_read": "500"},
+        {"orders_mgmt_read": 404},  # the choices are strings
+        {"release_outside_basket": "ignore"},
         {"orders_mgmt_lag_ms": -1},
         {"orders_mgmt_lag_ms": 1.5},
         {"orders_mgmt_lag_ms": True},
@@ -177,6 +179,21 @@ def test_release_outside_basket_refuse(clock: Clock) -> None:
     assert order.status == PRE_CONFIRM
     assert len(order.items) == 2
     assert state.inventory(1)["seats"]["1"] == "HELD"
+    released = basket(state, (3,))  # a basket still releases
+    state.release(released, list(released.items))
+    assert state.inventory(1)["seats"]["3"] == "FREE"
+
+
+def test_release_outside_basket_ignored(clock: Clock) -> None:
+    # A release that answers 200 but does not take: a late confirm still buys the seats
+    state = make_state(clock, release_outside_basket="ignored")
+    order = pre_confirmed(state)
+    state.release(order, list(order.items))
+    assert order.status == PRE_CONFIRM
+    assert len(order.items) == 2
+    assert state.inventory(1)["seats"]["1"] == "HELD"
+    state.confirm(order, "ref-1")
+    assert state.inventory(1)["seats"]["1"] == "SOLD"
     released = basket(state, (3,))  # a basket still releases
     state.release(released, list(released.items))
     assert state.inventory(1)["seats"]["3"] == "FREE"
