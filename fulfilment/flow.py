@@ -364,12 +364,17 @@ def _confirm(services: Services, reference: str, until: float) -> None:
             if order.status != "PRE_CONFIRM":
                 raise _not_confirmed(services, entry, order, fenced=fenced)
         assert entry.order_id is not None
-        # Before the call, never after. The call restarts the basket's timer, so
-        # "not found" is only conclusive a full time-to-live after it.
         ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
-        ledger.record(reference, confirm_sent=True, basket_expires=services.clock() + ttl)
+
+        def mark_sent() -> None:
+            # As the request goes out (after the token and the rate limit's wait),
+            # never after: a worker killed while it waits has sent no confirm. The
+            # call restarts the basket's timer, so the expiry is counted from here.
+            ledger.record(reference, confirm_sent=True, basket_expires=services.clock() + ttl)
+
         try:
-            order = client.confirm(entry.order_id, reference, entry.intent.payments)
+            with before_send(mark_sent):
+                order = client.confirm(entry.order_id, reference, entry.intent.payments)
         except (TransientError, PermanentError) as exc:
             # Never sent, or refused (429, 503, 4xx): this confirm did nothing, so
             # the order stands as before it. An unknown outcome keeps the mark, and

@@ -86,9 +86,9 @@ BREAKAGES = (
                   f"{FLOW}::test_admission_tells_duplicates_and_conflicts")),
     Breakage("confirm-mark-after-confirm", "a confirm that may have gone out is never repeated",
              "fulfilment/flow.py",
-             r"^(?P<indent>[ ]+)(?P<mark>ledger\.record\(reference, confirm_sent=True\b[^\n]*\n)"
-             r"(?P<call>[ ]+order = client\.confirm\([^\n]*\n)",
-             r"\g<call>\g<indent>\g<mark>",
+             r"^(?P<indent>[ ]+)with before_send\(mark_sent\):\n"
+             r"[ ]+(?P<call>order = client\.confirm\([^\n]*\n)",
+             r"\g<indent>if True:\n\g<indent>    \g<call>\g<indent>    mark_sent()\n",
              (f"{FLOW}::test_lost_confirm_is_settled_by_reading_the_order",
               f"{FLOW}::test_never_failed_while_a_confirm_may_have_happened")),
     Breakage("read-back-after-lost-confirm", "a lost confirm is settled by reading the order",

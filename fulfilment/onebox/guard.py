@@ -486,21 +486,26 @@ def guarded(guard: OneboxGuard | None, step: str,
 
     Every request to Onebox is made through here: ``before_send`` hooks rely on it.
     """
-    call = metrics.onebox_call(step, call)  # counted and timed only if sent
-    hook = None if step in UNHOOKED_STEPS else _BEFORE_SEND.get()
-    if hook is not None:
-        call = _announced(hook, call)
+    # Counted and timed only if sent; the hooks run once the guard lets it go.
+    call = _announced(step, metrics.onebox_call(step, call))
     return call() if guard is None else guard.send(step, call)
 
 
-def _announced(hook: Callable[[], None],
+def announce(step: str) -> None:
+    """Run the ``before_send`` hooks of a call about to go out (a stand-in Onebox calls it)."""
+    hook = None if step in UNHOOKED_STEPS else _BEFORE_SEND.get()
+    if hook is not None:
+        hook()
+
+
+def _announced(step: str,
                call: Callable[[], requests.Response]) -> Callable[[], requests.Response]:
     def announced() -> requests.Response:
-        hook()
+        announce(step)
         return call()
     return announced
 
 
-__all__ = ["BreakerState", "GuardConfig", "OneboxGuard", "Permit", "before_send", "guarded",
-           "scope_for"]
+__all__ = ["BreakerState", "GuardConfig", "OneboxGuard", "Permit", "announce", "before_send",
+           "guarded", "scope_for"]
 

@@ -22,6 +22,7 @@ from fulfilment.keys import Keys
 from fulfilment.lease import Leases
 from fulfilment.ledger import Admission, Ledger
 from fulfilment.onebox.auth import AuthRefusedError
+from fulfilment.onebox.guard import announce
 from fulfilment.results import ResultPublisher, consume_results
 from fulfilment.retry import RetryPolicy
 from fulfilment.topology import Topology
@@ -51,6 +52,10 @@ class FakeOnebox:
     stale_reads: int = 0
 
     def _step(self, step: str, action: Callable[[], Order]) -> Order:
+        announce(step)  # as the real client's calls do, through ``guarded``
+        return self._act(step, action)
+
+    def _act(self, step: str, action: Callable[[], Order]) -> Order:
         self.calls.append(step)
         if self.failures.get(step):
             raise self.failures[step].pop(0)

@@ -47,7 +47,7 @@ class GuardedOnebox(FakeOnebox):
 
         def send() -> requests.Response:
             self.sent.append(step)
-            answer.append(FakeOnebox._step(self, step, action))
+            answer.append(FakeOnebox._act(self, step, action))
             response = requests.Response()
             response.status_code = 200
             return response
@@ -160,3 +160,22 @@ def test_the_wait_counts_in_the_runs_time_and_a_run_out_of_time_sends_nothing(
     assert isinstance(advance(world.services, reference, Stage.PUBLISHED), Proceed)
     assert world.onebox.sent.count("create") == 1
     assert world.onebox.confirms == {reference: 1}
+
+
+def test_a_confirm_waiting_for_the_rate_limit_is_not_marked_sent(world: World) -> None:
+    # Given a purchase pre-confirmed, and its confirm call waiting for its turn
+    reference = world.submit()
+    assert isinstance(advance(world.services, reference, Stage.PRE_CONFIRMED), Proceed)
+    world.queue_ahead(5.0)
+    world.interrupt.append(SoftTimeLimitExceeded())  # the soft limit strikes in the wait
+    # When the soft time limit strikes during that wait
+    with pytest.raises(SoftTimeLimitExceeded):
+        advance(world.services, reference, Stage.PUBLISHED)
+    # Then no confirm went out, and none is marked as maybe sent
+    assert "confirm" not in world.onebox.sent
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and not entry.confirm_sent
+    # And the next run confirms without first reading the order back
+    assert isinstance(advance(world.services, reference, Stage.PUBLISHED), Proceed)
+    assert world.onebox.confirms == {reference: 1}
+    assert "get_order" not in world.onebox.sent
