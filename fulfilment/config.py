@@ -289,6 +289,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a worker's hold on an intent lasts unless renewed (it is renewed "
             "while the work runs): how long an intent waits after its worker is killed.",
             _positive_float),
+    Setting("FULFILMENT_SESSION_CAP", "session_cap", "0",
+            "Purchases in flight at once for one Onebox session (an event's `session_id`), "
+            "fleet-wide; 0 means no cap. An intent takes a slot in every session it touches "
+            "before its basket is created and gives them back with its outcome; one that "
+            "finds a session full waits in line (`SESSION_CAP`, not counted as a failure, "
+            "bounded by `FULFILMENT_RETRY_DEADLINE`). A basket already open is never held "
+            "back.", _non_negative_int),
     Setting("FULFILMENT_VISIBILITY_TIMEOUT", "visibility_timeout", "3600",
             "Redis broker: seconds before an unacknowledged task is redelivered (a worker "
             "died holding it). Must exceed the longest retry countdown plus the task time "
@@ -355,6 +362,7 @@ class Settings:
     ledger_retention: int
     stuck_after: float
     lease_ttl: float
+    session_cap: int
     visibility_timeout: int
     task_soft_time_limit: int
     task_time_limit: int

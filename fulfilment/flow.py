@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from fulfilment import metrics
+from fulfilment import metrics, sessioncap
 from fulfilment.config import Settings
 from fulfilment.errors import (
     FulfilmentError,
@@ -42,6 +42,7 @@ from fulfilment.onebox.guard import before_send
 from fulfilment.redact import masking_buyer
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
+from fulfilment.sessioncap import SessionCap
 from schemas.intent import NumberedItem
 from schemas.onebox import Order
 from schemas.result import (
@@ -143,6 +144,8 @@ class Services:
     leases: Leases
     policy: RetryPolicy
     clock: Callable[[], float] = time.time
+    #: ``FULFILMENT_SESSION_CAP``'s slots; None when there is no cap.
+    session_cap: SessionCap | None = None
 
 
 def advance(services: Services, reference: str, target: Stage, attempt: int = 1) -> Decision:
@@ -193,6 +196,8 @@ class _RunTime:
     until: float
     #: Set by ``_in_time``: the next call sent is a stage's, bound by the budget.
     armed: bool = False
+    #: The session cap's slots for this run (taken before a new basket).
+    slots: sessioncap.RunSlots | None = None
 
     def sending(self) -> None:
         armed, self.armed = self.armed, False
@@ -205,11 +210,20 @@ _RUN: contextvars.ContextVar[_RunTime | None] = contextvars.ContextVar("flow_run
 
 def _advance_leased(services: Services, entry: Entry, target: Stage) -> Decision:
     until = services.clock() + _time_budget(services.settings)
-    run = _RunTime(services.clock, until)
+    intent = entry.stored_intent
+    slots = sessioncap.RunSlots(services.session_cap, entry.reference,
+                                sessioncap.sessions_of(intent)
+                                if intent is not None and services.session_cap else (),
+                                basket_open=entry.order_id is not None and not entry.finished)
+    run = _RunTime(services.clock, until, slots=slots)
     token = _RUN.set(run)
     try:
-        with before_send(run.sending):
+        with before_send(run.sending), slots:
             decision = _attempt(services, entry, target, until)
+            if slots.cap is not None:  # given back with the outcome, else held over the wait
+                now = _reread(services, entry.reference)
+                slots.done(finished=now.finished, basket_open=now.order_id is not None,
+                           wait=decision.delay if isinstance(decision, RetryIn) else 0.0)
     finally:
         _RUN.reset(token)
     if isinstance(decision, Proceed) and target >= Stage.PUBLISHED:
@@ -298,6 +312,9 @@ def _fill_basket(services: Services, entry: Entry, until: float) -> None:
                                   step=entry.pending)
     order_id = entry.order_id
     if order_id is None:
+        run = _RUN.get()
+        if run is not None and run.slots is not None:
+            run.slots.take()  # FULFILMENT_SESSION_CAP: a slot in each session, or wait
         _in_time(services, until)
         # Safe to repeat: a basket created but never recorded just expires.
         with bound(step="create"):

@@ -91,6 +91,14 @@ class Keys:
         """Hash: reference -> its ``updated_at`` when its dispatch failed (``fulfilment.owed``)."""
         return f"{self.prefix}:dispatch:owed"
 
+    def session_cap(self, session_id: int, kind: str) -> str:
+        """A sorted set of the cap per Onebox session (``holders``, ``line``, ``seen``).
+
+        One hash tag for all sessions: a take touches every session of an intent
+        in one script, so on a Redis Cluster they share a slot.
+        """
+        return f"{self.prefix}:sessioncap:{{sessions}}:{int(session_id)}:{kind}"
+
     def onebox_guard(self, scope: str, kind: str) -> str:
         """A key of the fleet's shared Onebox limits (``rate``, ``breaker``, ``probe``).
 

@@ -86,12 +86,19 @@ class Metrics:
             "fulfilment_onebox_circuit_changes", "Changes of the fleet's circuit breaker made "
             "by this worker: opened, reopened (the probe failed), closed (the probe "
             "succeeded).", ["change"], registry=r)
+        self.session_cap_waits = Counter(
+            "fulfilment_session_cap_waits", "Basket starts held back by FULFILMENT_SESSION_CAP "
+            "(a session the intent needs is at its cap): first (the intent joined the line: "
+            "intents held back) or again (it asked again, still in line).", ["wait"],
+            registry=r)
         # At 0 before their first event: a panel reads 0, not "No data".
         self.outcomes.labels("confirmed", "")
         for reason in HELD_BACK_REASONS.values():
             self.held_back.labels(reason)
         for change in sorted(BREAKER_CHANGES):
             self.breaker_changes.labels(change)
+        for wait in ("first", "again"):
+            self.session_cap_waits.labels(wait)
 
 
 class _Current:
@@ -229,11 +236,16 @@ def guard_verdict(verdict: int, seconds: float) -> None:
         current().rate_wait.observe(seconds)
 
 
+def session_cap_waited(*, first: bool) -> None:
+    """A basket start held back by the session cap (``first``: the intent joined the line)."""
+    current().session_cap_waits.labels("first" if first else "again").inc()
+
+
 def breaker_changed(change: str) -> None:
     if change in BREAKER_CHANGES:
         current().breaker_changes.labels(change).inc()
 
 
 __all__ = ["Metrics", "breaker_changed", "current", "decided",
-           "guard_verdict", "install", "onebox_call", "outcome_written", "retried", "step_ran",
-           "use_multiprocess"]
+           "guard_verdict", "install", "onebox_call", "outcome_written", "retried",
+           "session_cap_waited", "step_ran", "use_multiprocess"]

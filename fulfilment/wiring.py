@@ -23,6 +23,7 @@ from fulfilment.onebox.client import build_client
 from fulfilment.redis_transport import ssl_for, transport_for
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
+from fulfilment.sessioncap import SessionCap
 from fulfilment.topology import Topology, is_amqp
 
 
@@ -87,4 +88,6 @@ def build_services(settings: Settings, client: redis.Redis | None = None,
         leases=Leases(client, keys, settings.lease_ttl,
                       max_hold=settings.task_time_limit),
         policy=RetryPolicy.from_settings(settings),
+        session_cap=SessionCap(client, keys, settings.session_cap, hold=settings.lease_ttl,
+                               max_hold=settings.task_time_limit) if settings.session_cap else None,
     )

@@ -91,6 +91,8 @@ class Order:
     #: (when, order document) after each change, kept only while the orders-management
     #: read lags (``orders_mgmt_lag_ms``); the read shows the newest one old enough.
     versions: list[tuple[float, dict[str, Any]]] | None = None
+    #: Session id -> how many of its items this order holds while it is not final.
+    per_session: dict[int, int] = field(default_factory=dict)
 
 
 class SessionStock:
@@ -276,6 +278,9 @@ class SandboxState:
         self._confirmed_without_ref = 0
         self._sold_by_session: dict[int, int] = {}
         self._sold_twice = 0
+        #: Non-final orders holding seats of each session, now and at most so far.
+        self._open_by_session: dict[int, int] = {}
+        self._peak_by_session: dict[int, int] = {}
 
     # -- lookup and expiry -------------------------------------------------
 
@@ -304,6 +309,7 @@ class SandboxState:
             self._by_code.pop(order.code, None)
         for item in order.items.values():
             self._stock[item.session_id].release(item)
+        self._final(order)
         self._expired += 1
 
     def create_order(self) -> Order:
@@ -436,6 +442,7 @@ class SandboxState:
                "rate": rate.doc, "price": price}
         item = order.items[item_id] = Item(item_id, session.id, price_type_id, seat_id, price,
                                            doc)
+        self._holds(order, session.id, 1)
         if len(order.items) == 1:
             order.currency = session.currency
         return item
@@ -547,6 +554,7 @@ class SandboxState:
             self._sold_by_session[item.session_id] = (
                 self._sold_by_session.get(item.session_id, 0) + item.places)
         order.status = CONFIRM
+        self._final(order)
         order.external_code = external_code
         order.payments = payments
         del self._open[order.id]
@@ -575,10 +583,32 @@ class SandboxState:
         for item_id in dict.fromkeys(item_ids):
             item = order.items.pop(item_id)
             self._stock[item.session_id].release(item)
+            self._holds(order, item.session_id, -1)
         if order.status == PRE_CONFIRM:
             self._back_to_basket(order)
         if self._lag:
             self._changed(order)
+
+    def _holds(self, order: Order, session_id: int, change: int) -> None:
+        """Count ``change`` items of a session in a non-final order (the audit's
+        ``open_orders_by_session`` and its peak: a session cap seen from Onebox's side)."""
+        before = order.per_session.get(session_id, 0)
+        after = order.per_session[session_id] = before + change
+        if before == 0 and after > 0:
+            count = self._open_by_session[session_id] = (
+                self._open_by_session.get(session_id, 0) + 1)
+            if count > self._peak_by_session.get(session_id, 0):
+                self._peak_by_session[session_id] = count
+        elif before > 0 and after == 0:
+            self._open_by_session[session_id] -= 1
+        if after == 0:
+            del order.per_session[session_id]
+
+    def _final(self, order: Order) -> None:
+        """The order is confirmed or gone: it no longer counts as open in its sessions."""
+        for session_id in order.per_session:
+            self._open_by_session[session_id] -= 1
+        order.per_session.clear()
 
     # -- views ---------------------------------------------------------------
 
@@ -622,6 +652,10 @@ class SandboxState:
             "confirmed_without_external_code": self._confirmed_without_ref,
             "seats_sold": {str(sid): n for sid, n in self._sold_by_session.items()},
             "seats_sold_twice": self._sold_twice,
+            "open_orders_by_session": {str(sid): n for sid, n in self._open_by_session.items()
+                                       if n},
+            "peak_open_orders_by_session": {str(sid): n
+                                            for sid, n in self._peak_by_session.items()},
         }
 
     def inventory(self, session_id: int) -> dict[str, Any]:
