@@ -72,10 +72,13 @@ def test_a_capped_session_never_has_more_open_baskets_than_the_cap(cluster: Clus
     # and all were done before the capped session's line was
     for i in range(4):
         assert results[f"other-{i}"].attempts == 2, results[f"other-{i}"]
-    finished = {ref: result.finished_at for ref, result in results.items()}
-    assert all(moment is not None for moment in finished.values())
-    last_other = max(str(finished[f"other-{i}"]) for i in range(4))  # all UTC ISO text
-    last_capped = max(str(finished[f"cap-{i}"]) for i in range(16))
+    def finished(reference: str) -> float:
+        moment = results[reference].finished_at
+        assert moment is not None
+        return moment.timestamp()
+
+    last_other = max(finished(f"other-{i}") for i in range(4))
+    last_capped = max(finished(f"cap-{i}") for i in range(16))
     assert last_other < last_capped
     # And no slot is left held
     holders = cluster.keys.session_cap(CAPPED, "holders")
