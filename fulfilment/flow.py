@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextvars
 import enum
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -142,7 +141,13 @@ class Services:
     publisher: ResultPublisher
     leases: Leases
     policy: RetryPolicy
-    clock: Callable[[], float] = time.time
+    #: Redis's clock (``fulfilment.clock``): every stamp another process compares
+    #: (``basket_expires``, ``orphan_expires``) is on it. Left out: the ledger's.
+    clock: Callable[[], float] = None  # type: ignore[assignment]  # see __post_init__
+
+    def __post_init__(self) -> None:
+        if self.clock is None:
+            object.__setattr__(self, "clock", self.ledger.clock)
 
 
 def advance(services: Services, reference: str, target: Stage, attempt: int = 1) -> Decision:
