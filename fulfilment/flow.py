@@ -131,6 +131,11 @@ class OutOfTimeError(TransientError):
 __all__ = ["Proceed", "RetryIn", "Services", "Stage", "UnknownIntentError", "advance", "settle"]
 
 
+def _ledgers_clock() -> float:
+    """``Services.clock`` left out: ``__post_init__`` puts the ledger's there."""
+    raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Services:
     """What the steps work with; built once per worker process."""
@@ -143,10 +148,10 @@ class Services:
     policy: RetryPolicy
     #: Redis's clock (``fulfilment.clock``): every stamp another process compares
     #: (``basket_expires``, ``orphan_expires``) is on it. Left out: the ledger's.
-    clock: Callable[[], float] = None  # type: ignore[assignment]  # see __post_init__
+    clock: Callable[[], float] = _ledgers_clock
 
     def __post_init__(self) -> None:
-        if self.clock is None:
+        if self.clock is _ledgers_clock:
             object.__setattr__(self, "clock", self.ledger.clock)
 
 

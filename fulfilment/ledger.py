@@ -369,7 +369,7 @@ class Ledger:
         #: None: the admission script reads ``TIME`` itself for ``admitted_at``.
         self._redis_clock = clock if injected else None
         #: This process's wall clock: ``submitted_at`` only (shown to people).
-        self._wall = clock if injected else time.time
+        self._wall = time.time if self._redis_clock is None else self._redis_clock
         self._intents: dict[str, PurchaseIntent] = {}
         self._intents_lock = threading.Lock()
         #: The batch of each reference read lately, so publishing names it without a read.

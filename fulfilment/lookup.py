@@ -29,9 +29,9 @@ from schemas.result import load_result
 #: A reference is spelled as the contract says; anything else cannot be in the ledger.
 REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 REFERENCE_RULE = "1-64 of A-Z a-z 0-9 . _ : -"
-_FIELDS = ("fingerprint", "submitted_at", "admitted_at", "updated_at", "order_id", "code", "items_done",
-           "pending", "buyer_set", "confirm_sent", "baskets", "attempts", "outcome",
-           "published", "batch")
+_FIELDS = ("fingerprint", "submitted_at", "admitted_at", "updated_at", "order_id", "code",
+           "items_done", "pending", "buyer_set", "confirm_sent", "baskets", "attempts",
+           "outcome", "published", "batch")
 
 
 @dataclass(frozen=True)
