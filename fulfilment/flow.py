@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextvars
 import enum
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -133,6 +132,11 @@ class OutOfTimeError(TransientError):
 __all__ = ["Proceed", "RetryIn", "Services", "Stage", "UnknownIntentError", "advance", "settle"]
 
 
+def _ledgers_clock() -> float:
+    """``Services.clock`` left out: ``__post_init__`` puts the ledger's there."""
+    raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Services:
     """What the steps work with; built once per worker process."""
@@ -143,9 +147,15 @@ class Services:
     publisher: ResultPublisher
     leases: Leases
     policy: RetryPolicy
-    clock: Callable[[], float] = time.time
+    #: Redis's clock (``fulfilment.clock``): every stamp another process compares
+    #: (``basket_expires``, ``orphan_expires``) is on it. Left out: the ledger's.
+    clock: Callable[[], float] = _ledgers_clock
     #: ``FULFILMENT_SESSION_CAP``'s slots; None when there is no cap.
     session_cap: SessionCap | None = None
+
+    def __post_init__(self) -> None:
+        if self.clock is _ledgers_clock:
+            object.__setattr__(self, "clock", self.ledger.clock)
 
 
 def advance(services: Services, reference: str, target: Stage, attempt: int = 1) -> Decision:

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 from kombu import Connection, Queue
 
+from fulfilment.clock import redis_time
 from fulfilment.config import Settings, mask_url
 from fulfilment.errors import FulfilmentError
 from fulfilment.intake import last_drained
@@ -84,9 +85,13 @@ class Health:
 
 
 def check_health(settings: Settings, *, onebox: bool = True,
-                 clock: Callable[[], float] = time.time) -> Health:
-    """Run every check against the deployment these settings describe."""
-    now = clock()
+                 clock: Callable[[], float] | None = None) -> Health:
+    """Run every check against the deployment these settings describe.
+
+    ``clock``: None reads Redis's (the workers stamp progress on it), this host's
+    only when Redis cannot be read.
+    """
+    now = clock() if clock is not None else time.time()
     keys = Keys(settings.key_prefix)
     checks: list[Check] = []
     with _redis(settings) as client:
@@ -97,6 +102,7 @@ def check_health(settings: Settings, *, onebox: bool = True,
         if onebox:
             checks.append(_check_onebox(settings, client))
         if redis_up:
+            now = clock() if clock is not None else redis_time(client)
             checks.append(_check_stuck(settings, keys, client, now))
             checks.append(_check_intake(settings, keys, client, now))
         else:

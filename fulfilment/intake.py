@@ -12,13 +12,13 @@ the drain goes on.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from fulfilment.clock import RedisClock
 from fulfilment.errors import InvalidMessageError, PermanentError
 from fulfilment.keys import Keys
 from fulfilment.producer import (
@@ -51,12 +51,14 @@ class DrainReport:
 
 class Intake:
     def __init__(self, client: redis.Redis, keys: Keys, producer: Producer,
-                 publisher: ResultPublisher, *, clock: Callable[[], float] = time.time) -> None:
+                 publisher: ResultPublisher, *, clock: Callable[[], float] | None = None) -> None:
+        """``clock``: Redis's time (``fulfilment health`` compares the drain's stamp with
+        it); None: Redis's ``TIME``."""
         self._redis = client
         self._keys = keys
         self._producer = producer
         self._publisher = publisher
-        self._clock = clock
+        self._clock = clock or RedisClock(client)
 
     def drain(self, limit: int = 1000) -> DrainReport:
         """Take in up to ``limit`` waiting intents (none if another drainer is at it).

@@ -16,7 +16,10 @@ people), ``admitted_at`` (Redis's clock at admission: deadlines), ``order_id``,
 still hold seats, JSON list of order ids)
 (when an abandoned basket of unknown contents lets go of its seats),
 ``attempts``, ``outcome`` (the result, JSON, written once), ``published``,
-``updated_at``, ``batch`` (the intent's batch id, or empty).
+``updated_at``, ``batch`` (the intent's batch id, or empty). Every time
+another process compares (``updated_at`` and the open set's scores, which the
+recovery sweep reads; ``basket_expires``, ``orphan_expires``) is on Redis's
+clock (``fulfilment.clock``), never the writer's own.
 
 Once the outcome is written the intent itself is owed nothing more, and the
 entry keeps, for ``FULFILMENT_LEDGER_RETENTION``, only what duplicate
@@ -52,6 +55,7 @@ from typing import Any
 import redis
 
 from fulfilment import metrics
+from fulfilment.clock import RedisClock
 from fulfilment.errors import PermanentError, TransientError
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
@@ -352,13 +356,20 @@ class Ledger:
 
     def __init__(self, client: redis.Redis, keys: Keys, retention: int,
                  clock: Callable[[], float] | None = None) -> None:
-        """``clock``: tests' time, standing for Redis's clock too; None: this process's
-        clock for progress stamps, Redis's ``TIME`` for admission and deadlines."""
+        """``clock``: Redis's time, which every stamp another process compares is written
+        on (``updated_at``, the open set's scores); None: a ``RedisClock`` on ``client``.
+        A test's own clock stands for Redis's in admission and for the process's too."""
         self.redis = client
         self._keys = keys
         self._retention = retention
-        self._clock = clock or time.time
-        self._redis_clock = clock
+        injected = clock is not None and not isinstance(clock, RedisClock)
+        #: Redis's clock (``fulfilment.clock``); ``Services.clock`` is this one by default.
+        self.clock: Callable[[], float] = clock or RedisClock(client)
+        self._clock = self.clock
+        #: None: the admission script reads ``TIME`` itself for ``admitted_at``.
+        self._redis_clock = clock if injected else None
+        #: This process's wall clock: ``submitted_at`` only (shown to people).
+        self._wall = time.time if self._redis_clock is None else self._redis_clock
         self._intents: dict[str, PurchaseIntent] = {}
         self._intents_lock = threading.Lock()
         #: The batch of each reference read lately, so publishing names it without a read.
@@ -376,13 +387,10 @@ class Ledger:
 
     def now(self) -> float:
         """Redis's clock (epoch seconds): the one every admission time is read on."""
-        if self._redis_clock is not None:
-            return self._redis_clock()
-        seconds, micros = self.redis.time()
-        return float(seconds) + float(micros) / 1_000_000
+        return self._clock()
 
     def age(self, entry: Entry) -> float:
-        """Seconds since the intent was admitted, on Redis's clock (one round trip).
+        """Seconds since the intent was admitted, on Redis's clock (no round trip).
 
         An entry admitted before admission times were kept has only the
         producer's ``submitted_at``: it is read against Redis's clock, never
@@ -410,8 +418,8 @@ class Ledger:
     def prepare_admissions(self, intents: Sequence[PurchaseIntent],
                            submitted_at: datetime | None = None) -> list[PreparedAdmission]:
         """The keys and arguments of each intent's admission (the CPU work of ``admit_many``)."""
-        now = self._clock()
-        submitted = (submitted_at or datetime.fromtimestamp(now, UTC)).isoformat()
+        now = self._clock()  # Redis's: updated_at and the open set's score
+        submitted = (submitted_at or datetime.fromtimestamp(self._wall(), UTC)).isoformat()
         admitted = "" if self._redis_clock is None else repr(self._redis_clock())
         prepared = []
         for intent in intents:

@@ -4,6 +4,11 @@ Only the fields that say how far the purchase came are read (``HMGET``), never
 the stored intent: the buyer's e-mail, phone and names are not even fetched,
 so they cannot be shown. The published outcome is read for its status, codes
 and times; its metadata (the producer's) is not shown either.
+
+Times are Redis's (``fulfilment.clock``): "admitted" is ``admitted_at``, which
+the admission script took from Redis's ``TIME``, and "ago" is counted from
+Redis's clock, read in the same round trip. The producer's ``submitted_at`` is
+its own clock's: shown only for an entry admitted before ``admitted_at`` was kept.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from schemas.result import load_result
 #: A reference is spelled as the contract says; anything else cannot be in the ledger.
 REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 REFERENCE_RULE = "1-64 of A-Z a-z 0-9 . _ : -"
-_FIELDS = ("fingerprint", "submitted_at", "updated_at", "order_id", "code", "items_done",
-           "pending", "buyer_set", "confirm_sent", "baskets", "attempts", "outcome",
-           "published", "batch")
+_FIELDS = ("fingerprint", "submitted_at", "admitted_at", "updated_at", "order_id", "code",
+           "items_done", "pending", "buyer_set", "confirm_sent", "baskets", "attempts",
+           "outcome", "published", "batch")
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ class IntentStatus:
     baskets: int = 0
     items_done: int = 0
     batch: str | None = None
-    submitted_at: str | None = None
+    submitted_at: str | None = None  # the producer's clock
+    admitted_at: str | None = None  # Redis's clock at admission
     updated_at: str | None = None
     finished_at: str | None = None
     outcome: str | None = None  # confirmed | failed | unsettled, once there is one
@@ -52,24 +58,27 @@ class IntentStatus:
     published: bool = False
     running: bool = False  # a worker holds its lease now
     problem: str | None = None  # why it could not be looked up, or read
+    read_at: str | None = None  # when it was read, on Redis's clock
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def intent_status(client: redis.Redis, keys: Keys, reference: str) -> IntentStatus:
-    """The intent's status from the ledger (two reads, one round trip)."""
+    """The intent's status from the ledger (two reads and Redis's clock, one round trip)."""
     if not REFERENCE.fullmatch(reference):
         return IntentStatus(reference, False, problem=f"not a reference ({REFERENCE_RULE})")
     pipe = client.pipeline(transaction=False)
     pipe.hmget(keys.ledger(reference), list(_FIELDS))
     pipe.exists(keys.lease(reference))
-    values, lease = pipe.execute()
+    pipe.time()
+    values, lease, (seconds, micros) = pipe.execute()
+    read_at = _iso(f"{seconds}.{int(micros):06d}")
     fields = {name: text(value) for name, value in zip(_FIELDS, values, strict=True)
               if value is not None}
     if "fingerprint" not in fields:
         return IntentStatus(reference, False, problem="no ledger entry: never admitted, or "
-                            "expired (FULFILMENT_LEDGER_RETENTION)")
+                            "expired (FULFILMENT_LEDGER_RETENTION)", read_at=read_at)
     status = IntentStatus(
         reference, True,
         order_id=fields.get("order_id") or None,
@@ -79,9 +88,11 @@ def intent_status(client: redis.Redis, keys: Keys, reference: str) -> IntentStat
         items_done=_int(fields.get("items_done")),
         batch=fields.get("batch") or None,
         submitted_at=_normal(fields.get("submitted_at")),
+        admitted_at=_iso(fields.get("admitted_at")),
         updated_at=_iso(fields.get("updated_at")),
         published=fields.get("published") == "1",
         running=bool(lease),
+        read_at=read_at,
     )
     outcome = fields.get("outcome")
     if outcome:
@@ -124,13 +135,13 @@ def _progress(fields: dict[str, str]) -> tuple[str, str]:
 
 
 def describe(status: IntentStatus, *, now: datetime | None = None) -> list[str]:
-    """The status as lines for people."""
+    """The status as lines for people; "ago" from ``now``, else Redis's clock when read."""
     if not status.found:
         # Typed by someone: shown quoted unless it is a reference (one line, whatever it holds).
         shown = status.reference if REFERENCE.fullmatch(status.reference) else \
             repr(status.reference)
         return [f"{shown}: unknown: {status.problem}"]
-    now = now or datetime.now(UTC)
+    now = now or _datetime(status.read_at) or datetime.now(UTC)
     head = f"{status.reference}: {status.state}"
     if status.outcome:
         head += ", published" if status.published else ", not yet published"
@@ -143,7 +154,8 @@ def describe(status: IntentStatus, *, now: datetime | None = None) -> list[str]:
                  f"items added {status.items_done})")
     if status.batch:
         lines.append(f"  batch       {status.batch}")
-    for label, moment in (("admitted", status.submitted_at), ("last change", status.updated_at),
+    admitted = status.admitted_at or status.submitted_at  # an entry from before admitted_at
+    for label, moment in (("admitted", admitted), ("last change", status.updated_at),
                           ("finished", status.finished_at)):
         if moment:
             lines.append(f"  {label:<11} {moment}{_ago(now, moment)}")
@@ -192,10 +204,16 @@ def _iso_datetime(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _ago(now: datetime, moment: str) -> str:
+def _datetime(moment: str | None) -> datetime | None:
     try:
-        then = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+        return datetime.fromisoformat(moment.replace("Z", "+00:00")) if moment else None
     except ValueError:
+        return None
+
+
+def _ago(now: datetime, moment: str) -> str:
+    then = _datetime(moment)
+    if then is None:
         return ""
     seconds = max(int((now - then).total_seconds()), 0)
     if seconds < 120:

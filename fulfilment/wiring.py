@@ -7,6 +7,7 @@ and a ``memory://`` broker; everything else uses the real ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -71,23 +72,30 @@ def broker_connection(settings: Settings) -> Connection:
                       transport_options=transport_options(settings))
 
 
-def build_ledger(settings: Settings, client: redis.Redis) -> Ledger:
-    return Ledger(client, Keys(settings.key_prefix), settings.ledger_retention)
+def build_ledger(settings: Settings, client: redis.Redis,
+                 clock: Callable[[], float] | None = None) -> Ledger:
+    """``clock``: Redis's time; None: a ``RedisClock`` on ``client`` (``fulfilment.clock``)."""
+    return Ledger(client, Keys(settings.key_prefix), settings.ledger_retention, clock)
 
 
 def build_services(settings: Settings, client: redis.Redis | None = None,
-                   connection: Connection | None = None) -> Services:
+                   connection: Connection | None = None, *,
+                   clock: Callable[[], float] | None = None) -> Services:
+    """``clock``: Redis's time, the one seam for every stamp another process compares (the
+    ledger's, the flow's expiries, the shared token's); None: read from Redis (``TIME``)."""
     client = client if client is not None else redis_client(settings)
     keys = Keys(settings.key_prefix)
+    ledger = build_ledger(settings, client, clock)
     return Services(
         settings=settings,
-        client=build_client(settings, client),
-        ledger=build_ledger(settings, client),
+        client=build_client(settings, client, ledger.clock),
+        ledger=ledger,
         publisher=ResultPublisher(connection or broker_connection(settings),
                                   Topology.for_keys(keys, settings.effective_broker_url)),
         leases=Leases(client, keys, settings.lease_ttl,
                       max_hold=settings.task_time_limit),
         policy=RetryPolicy.from_settings(settings),
+        clock=ledger.clock,
         session_cap=SessionCap(client, keys, settings.session_cap, hold=settings.lease_ttl,
                                max_hold=settings.task_time_limit) if settings.session_cap else None,
     )

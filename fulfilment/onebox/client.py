@@ -12,7 +12,7 @@ rate limit and circuit breaker first (``fulfilment.onebox.guard``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -20,6 +20,7 @@ import requests
 from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
 
+from fulfilment.clock import RedisClock
 from fulfilment.config import Settings
 from fulfilment.errors import OutcomeUnknownError, TransientError
 from fulfilment.logcontext import bound
@@ -199,14 +200,17 @@ def new_session(base_url: str | None = None, verify: bool | str = True) -> reque
     return session
 
 
-def build_client(settings: Settings, redis_client: redis.Redis) -> OneboxClient:
+def build_client(settings: Settings, redis_client: redis.Redis,
+                 clock: Callable[[], float] | None = None) -> OneboxClient:
     """A client and its token provider, sharing the fleet's guard.
 
     Each has a session of its own: the token endpoint may be another host, with
-    its own proxy settings (read once, see ``new_session``).
+    its own proxy settings (read once, see ``new_session``). The token the fleet
+    shares in Redis expires on Redis's clock (``clock``; None: a ``RedisClock``).
     """
     guard = OneboxGuard.for_settings(settings, redis_client)
     tokens = TokenProvider(settings, redis_client,
-                           new_session(settings.token_url, settings.tls_verify), guard=guard)
+                           new_session(settings.token_url, settings.tls_verify),
+                           clock or RedisClock(redis_client), guard=guard)
     return OneboxClient(settings, tokens,
                         new_session(settings.onebox_api_url, settings.tls_verify), guard)
