@@ -8,6 +8,7 @@ later and says once when it stops taking messages and once when it is back.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,8 @@ def ledger() -> Ledger:
 
 def test_a_file_goes_on_while_the_broker_is_away_and_every_admitted_intent_is_counted(
         ledger: Ledger, caplog: pytest.LogCaptureFixture) -> None:
+    # (its own level: a CLI command run earlier in this process may have quietened ours)
+    caplog.set_level(logging.INFO, logger="fulfilment.producer")
     # Given a broker that is down, and a producer sending chunks of two
     broker, clock = Broker(), Clock()
     producer = Producer(ledger, broker.one, max_quantity=50, dispatch_many=broker.many,
