@@ -34,7 +34,15 @@ from typing import Protocol
 import redis
 
 from fulfilment.keys import Keys
-from fulfilment.producer import ACCEPTED, CHUNK, DUPLICATE, REFUSED, Producer, Submission
+from fulfilment.producer import (
+    ACCEPTED,
+    CHUNK,
+    DISPATCH_ERRORS,
+    DUPLICATE,
+    REFUSED,
+    Producer,
+    Submission,
+)
 from fulfilment.redis_text import text
 from fulfilment.results import ResultPublisher
 
@@ -174,6 +182,8 @@ class QueueSource(Protocol):
 
 
 class Intake:
+    """Drains the intake a chunk at a time (see the module docstring)."""
+
     def __init__(self, client: redis.Redis, keys: Keys, producer: Producer,
                  publisher: ResultPublisher, *, clock: Callable[[], float] = time.time,
                  chunk: int = CHUNK, lease: float = LEASE, max_drainers: int = MAX_DRAINERS,
@@ -216,11 +226,10 @@ class Intake:
             return report
         for other in [*map(text, lapsed), *([""] if legacy else [])]:
             self._take_back(other)
-        if reserved and send_helpers is not None:
-            send_helpers([text(helper) for helper in reserved])
-            report.helpers = len(reserved)
         state = _Held()
         try:
+            if reserved and send_helpers is not None:
+                report.helpers = self._ask(send_helpers, [text(helper) for helper in reserved])
             self._drain(me, report, queue, state)
         finally:
             self._leave(keys=[self._keys.intake_drainers, self._keys.intake,
@@ -249,6 +258,17 @@ class Intake:
                 queue.done()
             if not taken and not messages:
                 return
+
+    @staticmethod
+    def _ask(send_helpers: Callable[[list[str]], None], drainers: list[str]) -> int:
+        """Send the helpers; the broker refusing leaves this drain alone (their places lapse)."""
+        try:
+            send_helpers(drainers)
+        except DISPATCH_ERRORS as exc:
+            log.warning("intake: no helper could be sent (%s); draining alone",
+                        type(exc).__name__)
+            return 0
+        return len(drainers)
 
     def _take_back(self, drainer: str) -> None:
         """Put a lapsed drainer's chunk (or the legacy list) back on the intake."""

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 from kombu import Connection
+from kombu.exceptions import OperationalError
 
-from fulfilment.intake import MAX_DRAINERS, Intake
+from fulfilment.intake import MAX_DRAINERS, Intake, taken_count
 from fulfilment.keys import Keys
 from fulfilment.ledger import Ledger
 from fulfilment.producer import Producer, Submission
@@ -72,8 +73,7 @@ class Chunks(Producer):
 
     def take_in(self, messages: Sequence[str | bytes]) -> list[Submission]:
         self.chunks.append([json.loads(m)["reference"] for m in messages])
-        held = [k for k in self.world.redis.scan_iter(f"{self.world.keys.intake}:processing:*")]
-        self.held_meanwhile.append(sum(int(self.world.redis.llen(k)) for k in held))
+        self.held_meanwhile.append(taken_count(self.world.redis, self.world.keys))
         if len(self.chunks) == self.fail_at:
             raise ConnectionError("Redis went away")
         return super().take_in(messages)
@@ -160,3 +160,14 @@ def test_a_short_list_asks_for_no_helper(world: World) -> None:
     sent: list[list[str]] = []
     assert world.intake(chunk=10).drain(send_helpers=sent.append).accepted == 10
     assert sent == []
+
+
+def test_a_drain_goes_on_alone_when_the_broker_refuses_its_helpers(world: World) -> None:
+    world.push([f"b-{n:02d}" for n in range(25)])
+
+    def refused(drainers: list[str]) -> None:
+        raise OperationalError("[Errno 111] Connection refused")
+
+    report = world.intake(chunk=10).drain(send_helpers=refused)
+    assert (report.accepted, report.helpers) == (25, 0)
+
