@@ -29,7 +29,7 @@ from kombu import Connection, Queue
 from fulfilment.clock import redis_time
 from fulfilment.config import Settings, mask_url
 from fulfilment.errors import FulfilmentError
-from fulfilment.intake import last_drained
+from fulfilment.intake import last_drained, taken_count
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
 from fulfilment.topology import Topology, is_amqp
@@ -156,7 +156,7 @@ def _check_broker_and_queues(settings: Settings, keys: Keys,
         return Check("broker", UNHEALTHY, f"{where}: {type(exc).__name__}", {"url": where})
     if client is not None:
         depths["intake"] = int(client.llen(keys.intake))
-        depths["intake_processing"] = int(client.llen(keys.intake_processing))
+        depths["intake_processing"] = taken_count(client, keys)
     shown = ", ".join(f"{name} {count if count is not None else '?'}"
                       for name, count in depths.items())
     return Check("broker", OK, f"{where}: queues {shown}", {"url": where, "queues": depths})
@@ -235,7 +235,7 @@ def _check_stuck(settings: Settings, keys: Keys, client: redis.Redis, now: float
 
 def _check_intake(settings: Settings, keys: Keys, client: redis.Redis, now: float) -> Check:
     """When beat last drained the Redis-list intake: without beat it stalls silently."""
-    waiting = int(client.llen(keys.intake)) + int(client.llen(keys.intake_processing))
+    waiting = int(client.llen(keys.intake)) + taken_count(client, keys)
     drained = last_drained(client, keys)
     stale_after = max(INTAKE_STALE_INTERVALS * settings.intake_interval, INTAKE_STALE_MIN)
     data = {"waiting": waiting, "last_drained_at": drained,

@@ -70,11 +70,22 @@ class Keys:
 
     @property
     def intake_processing(self) -> str:
-        """List: intents taken off ``intake`` but not yet admitted."""
+        """List: intents taken off ``intake`` but not yet admitted, by a drainer of the
+        versions before chunked drains (taken back by the drain: ``fulfilment.intake``)."""
         return f"{self.prefix}:intake:processing"
+
+    def intake_taken(self, drainer: str) -> str:
+        """List: the chunk one drainer took off ``intake`` and has not yet taken in."""
+        return f"{self.prefix}:intake:processing:{drainer}"
+
+    @property
+    def intake_drainers(self) -> str:
+        """Sorted set: drainer id -> when its lease lapses (ms, Redis's clock)."""
+        return f"{self.prefix}:intake:drainers"
 
     @property
     def intake_lock(self) -> str:
+        """String: held by a drainer of the versions before chunked drains (one at a time)."""
         return f"{self.prefix}:intake:lock"
 
     @property
@@ -120,6 +131,11 @@ class Keys:
     @property
     def maintenance_queue(self) -> str:
         return f"{self.prefix}.maintenance"
+
+    @property
+    def intake_queue(self) -> str:
+        """RabbitMQ: plain JSON intents from any AMQP client (``fulfilment.intake_queue``)."""
+        return f"{self.prefix}.intake"
 
     @property
     def results_exchange(self) -> str:

@@ -14,6 +14,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from fulfilment.config import Settings
+from fulfilment.intake import taken_count
 from fulfilment.keys import Keys
 from fulfilment.metrics import BREAKER_STATES
 from fulfilment.onebox.guard import GuardConfig, scope_for
@@ -24,7 +25,8 @@ from fulfilment.wiring import transport_options
 class RedisCollector:
     """Fleet-wide gauges read from Redis when Prometheus scrapes, never per order.
 
-    One pipelined round trip of O(1) commands, whatever the backlog: LLEN of
+    One pipelined round trip of O(1) commands, whatever the backlog (and an LLEN of
+    each intake drainer's chunk in hand, a few at most): LLEN of
     each queue's lists (kombu keeps one per priority step), HLEN of the
     broker's unacknowledged messages, ZCARD and the first member of the
     ledger's open set (as ``fulfilment.recovery`` reads it), the breaker's
@@ -79,14 +81,15 @@ class RedisCollector:
         keys = self._keys
         pipe = self._redis.pipeline(transaction=False)
         pipe.llen(keys.intake)
-        pipe.llen(keys.intake_processing)
         pipe.zcard(keys.open_intents)
         pipe.zrange(keys.open_intents, 0, 0, withscores=True)
         pipe.time()
         if self._breaker_key is not None:
             pipe.hgetall(self._breaker_key)
         answers = pipe.execute()
-        intake, processing, open_count, oldest, (seconds, micros) = answers[:5]
+        intake, open_count, oldest, (seconds, micros) = answers[:4]
+        # Each drainer's chunk in hand: a short list of at most a few drainers.
+        processing = taken_count(self._redis, keys)
         now = float(seconds) + float(micros) / 1_000_000
         queue = GaugeMetricFamily(
             "fulfilment_queue_messages", "Messages waiting on a queue: the broker's queues "
@@ -113,7 +116,7 @@ class RedisCollector:
             "recovery sweep resumes it past FULFILMENT_STUCK_AFTER.", value=idle))
         state = "disabled"
         if self._breaker_key is not None:
-            breaker = {text(k): text(v) for k, v in answers[5].items()}
+            breaker = {text(k): text(v) for k, v in answers[4].items()}
             state = "closed"
             if "open_until" in breaker:
                 state = "open" if float(breaker["open_until"]) > now * 1_000_000 else "half_open"

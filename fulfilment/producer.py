@@ -164,6 +164,29 @@ class Producer:
             if in_flight is not None:
                 yield from self._complete(*in_flight)
 
+    def take_in(self, messages: Sequence[str | bytes]) -> list[Submission]:
+        """Raw messages from the intake (any language): one chunk of ``submit_many``.
+
+        One admission round trip and one fan-out for all; an answer for each, in
+        order, never raised. A conflict names the ``reference`` field; a message
+        no parser can read is refused with its error's type only (its text may
+        quote the message), so no message can stall the intake.
+        """
+        answers: list[Submission | None] = []
+        intents: list[PurchaseIntent] = []
+        for message in messages:
+            answer: Submission | None = None
+            try:
+                intents.append(parse_intent(message, max_quantity=self._max_quantity))
+            except InvalidMessageError as exc:
+                answer = Submission(reference_of(message), REFUSED, exc.errors, exc.message)
+            except Exception as exc:  # noqa: BLE001 - no message may stall the intake
+                log.error("intake: a message could not be parsed (%s)", type(exc).__name__)
+                answer = Submission(None, REFUSED, {}, f"unreadable message: {type(exc).__name__}")
+            answers.append(answer)
+        admitted = iter(list(self.submit_many(intents, chunk=max(len(intents), 1))))
+        return [answer or _as_conflict(next(admitted)) for answer in answers]
+
     def _prepare(self, raws: Sequence[RawIntent], batch: str | None) -> _Chunk:
         prepared = _Chunk([None] * len(raws))
         for index, raw in enumerate(raws):
@@ -239,6 +262,13 @@ def _groups(items: Iterable[RawIntent], size: int) -> Iterator[list[RawIntent]]:
     iterator = iter(items)
     while group := list(itertools.islice(iterator, size)):
         yield group
+
+
+def _as_conflict(answer: Submission) -> Submission:
+    """A refusal at admission (a conflict: the intent was valid) names its field."""
+    if answer.status != REFUSED:
+        return answer
+    return dataclasses.replace(answer, errors={"reference": [answer.reason]})
 
 
 def _conflict(reference: str) -> str:

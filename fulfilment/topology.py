@@ -44,6 +44,8 @@ class Topology:
     task_queue: Queue
     continue_queue: Queue
     maintenance_queue: Queue
+    #: Plain JSON intents from any AMQP client, taken in by the drain (``fulfilment.intake``).
+    intake_queue: Queue
 
     @classmethod
     def for_keys(cls, keys: Keys, broker_url: str = "") -> Topology:
@@ -69,13 +71,17 @@ class Topology:
             task_queue=task_queue(keys.task_queue),
             continue_queue=task_queue(keys.continue_queue),
             maintenance_queue=task_queue(keys.maintenance_queue),
+            intake_queue=Queue(keys.intake_queue, Exchange(keys.intake_queue, type="direct",
+                                                           durable=True),
+                               routing_key=keys.intake_queue, durable=True,
+                               queue_arguments=arguments),
         )
 
     @property
     def queues(self) -> tuple[Queue, ...]:
         """Every queue of the deployment (what an operator or a test cleans up)."""
         return (self.task_queue, self.continue_queue, self.maintenance_queue,
-                self.results_queue, self.failures_queue)
+                self.results_queue, self.failures_queue, self.intake_queue)
 
 
 def routing_key_for(status: str) -> str:

@@ -3,10 +3,15 @@ dispatches owed, sent again by a worker as soon as it has the broker back."""
 
 from __future__ import annotations
 
+import re
+
 from fulfilment import recovery
 from fulfilment.intake import Intake
+from fulfilment.intake_queue import QueueIntake
 from fulfilment.keys import Keys
 from fulfilment.owed import OwedDispatches
+from fulfilment.topology import Topology, is_amqp
+from fulfilment.wiring import broker_connection
 from tasks import runtime
 from tasks.app import app
 from tasks.producer import producer
@@ -35,8 +40,25 @@ def resend_owed() -> int:
 
 
 @app.task(name="fulfilment.maintenance.drain_intake", ignore_result=True)
-def drain_intake() -> int:
+def drain_intake(drainer: object = None) -> int:
+    """Take the intake in a chunk at a time: the Redis list, and on RabbitMQ the intake
+    queue. Sent by beat; a drain that finds more than a chunk waiting sends helpers
+    (``drainer``: the place reserved for one), at most ``MAX_DRAINERS`` at once."""
     services = runtime.services()
-    intake = Intake(services.ledger.redis, Keys(services.settings.key_prefix), producer(),
-                    services.publisher)
-    return intake.drain().total
+    settings = services.settings
+    keys = Keys(settings.key_prefix)
+    intake = Intake(services.ledger.redis, keys, producer(), services.publisher)
+    mine = drainer if isinstance(drainer, str) and _DRAINER.fullmatch(drainer) else None
+    if not is_amqp(settings.effective_broker_url):
+        return intake.drain(drainer=mine, send_helpers=_send_helpers).total
+    topology = Topology.for_keys(keys, settings.effective_broker_url)
+    with broker_connection(settings) as connection, QueueIntake(connection, topology) as queue:
+        return intake.drain(drainer=mine, send_helpers=_send_helpers, queue=queue).total
+
+
+_DRAINER = re.compile(r"[0-9a-f]{32}")
+
+
+def _send_helpers(drainers: list[str]) -> None:
+    for drainer in drainers:
+        drain_intake.apply_async(kwargs={"drainer": drainer})

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -39,7 +40,7 @@ import redis
 from fulfilment.config import Settings
 from fulfilment.harness.cluster import Cluster, env_for
 from fulfilment.harness.processes import RedisServer, SandboxProcess, child_pids, wait_for
-from fulfilment.results import consume_results
+from fulfilment.results import consume_failures, consume_results
 from fulfilment.wiring import broker_connection, redis_client
 from schemas.intent import SeatRef
 from tasks import app as celery_app
@@ -394,6 +395,55 @@ def test_two_workers_and_the_recovery_sweep_together(chaos: Cluster) -> None:
     # Then the sweep resumes what the broker lost, and nothing is bought twice
     verify(chaos, "2 workers + recovery sweep, 10 tasks lost by the broker", documents,
            len(documents))
+
+
+def held_chunks(client: redis.Redis, cluster: Cluster) -> int:
+    """Messages drainers took off the intake list and hold, not yet taken in."""
+    return sum(int(client.llen(key)) for key in
+               client.scan_iter(f"{cluster.keys.intake}:processing:*", count=1000))
+
+
+def test_intake_drainers_killed_with_sigkill(chaos: Cluster) -> None:
+    # Given two workers, and plain JSON intents pushed onto the Redis list (a few invalid)
+    workers = [chaos.start_worker(concurrency=2) for _ in range(2)]
+    client = redis_client(chaos.settings)
+    count = int(chaos.chaos_intents)  # type: ignore[attr-defined]
+    documents: list[dict[str, Any]] = []
+    bad: list[str] = []
+    for round_ in range(5):
+        tag = f"intake{round_}"
+        batch = intents(tag, count, first_seat=1 + round_ * count)
+        bad += [f"{tag}: not json {n}" for n in range(5)]
+        documents += batch
+        client.lpush(chaos.keys.intake, *(json.dumps(d) for d in batch), *bad[-5:])
+        # When a drainer is killed with SIGKILL while it holds a chunk (every worker is)
+        wait_for(lambda: held_chunks(client, chaos), timeout=120, interval=0.002,
+                 what="a drainer holding a chunk")
+        for worker in workers:
+            worker.kill(signal.SIGKILL)
+        if held_chunks(client, chaos):
+            break  # caught midway; else the chunk was done first: another round
+        workers = [w for w in chaos.workers if w.log_path.name.startswith("worker")]
+    else:
+        pytest.fail("no drainer was caught holding a chunk in 5 rounds")
+    # Then its chunk is taken again once its lease has lapsed, and nothing is lost:
+    # every intent ends once (none bought twice), admitted once (the batch counters)
+    wait_for(lambda: not held_chunks(client, chaos) and not client.llen(chaos.keys.intake),
+             timeout=120, what="the dead drainer's chunk to be taken again")
+    verify(chaos, "intake drainers SIGKILLed holding a chunk", documents, len(documents))
+    for tag in {d["batch"] for d in documents}:
+        assert int(client.hget(chaos.keys.batch(tag), "admitted") or 0) == count, tag
+    # And each invalid message went to the failures queue (twice at most: its drainer
+    # may have reported it before it died)
+    seen: Counter[str] = Counter()
+    deadline = time.monotonic() + 60
+    with broker_connection(chaos.settings) as connection:
+        while not set(bad) <= seen.keys() and time.monotonic() < deadline:
+            seen.update(f["payload"] for f in consume_failures(
+                connection, chaos.topology, timeout=0.2, idle_timeout=2.0))
+    assert set(seen) == set(bad), set(bad) - set(seen)
+    assert max(seen.values()) <= 2, seen
+    client.close()
 
 
 #: A little of every fault on every endpoint, "done after the client gave up" included.

@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 from kombu import Connection
 
-from fulfilment.intake import Intake, last_drained
+from fulfilment.intake import MAX_DRAINERS, Intake, last_drained
 from fulfilment.keys import Keys
 from fulfilment.ledger import Ledger
 from fulfilment.producer import Producer
@@ -92,11 +92,11 @@ def test_a_message_that_cannot_be_parsed_for_any_reason_does_not_stall_the_intak
     from fulfilment.producer import parse_intent as real
 
     def parse(raw: Any, *, max_quantity: int) -> Any:
-        if b"boom" in raw:
+        if isinstance(raw, bytes) and b"boom" in raw:
             raise RecursionError("deep")
         return real(raw, max_quantity=max_quantity)
 
-    monkeypatch.setattr("fulfilment.intake.parse_intent", parse)
+    monkeypatch.setattr("fulfilment.producer.parse_intent", parse)
     world.push(json.dumps(intent("boom")), json.dumps(intent("fine-1")))
     report = world.intake.drain()
     assert (report.accepted, report.refused) == (1, 1)
@@ -110,7 +110,11 @@ def test_a_drain_records_when_it_ran(world: World) -> None:
     assert last_drained(world.redis, world.keys) == 1234.5
 
 
-def test_a_drain_that_finds_another_at_work_records_nothing(world: World) -> None:
-    world.redis.set(world.keys.intake_lock, "someone else")
-    world.intake.drain()
+def test_a_drain_that_finds_as_many_drainers_at_work_as_allowed_records_nothing(
+        world: World) -> None:
+    for n in range(MAX_DRAINERS):
+        world.redis.zadd(world.keys.intake_drainers, {f"other-{n}": 2 * 10**13})  # far ahead
+    world.push(json.dumps(intent("waits-1")))
+    assert world.intake.drain().total == 0
     assert last_drained(world.redis, world.keys) is None
+    assert world.redis.llen(world.keys.intake) == 1
