@@ -773,9 +773,16 @@ def _release(services: Services, entry: Entry, *, probe: bool = False) -> bool:
         if not item_ids:
             return known
         try:
-            services.client.release_seats(entry.order_id, item_ids)
+            answer = services.client.release_seats(entry.order_id, item_ids)
         except FulfilmentError as exc:
             log.warning("could not release basket %s (it will expire): %s", entry.order_id, exc)
+            return False
+        kept = set(item_ids) & set(_item_ids(answer))
+        if kept:
+            # Answered, yet not done (Onebox may ignore a release outside BASKET):
+            # the seats stay held until the order expires, so they are waited out.
+            log.warning("release of basket %s did not take: %d items still held (%s); "
+                        "it will expire", entry.order_id, len(kept), answer.status)
             return False
         log.info("released %d items of basket %s", len(item_ids), entry.order_id)
         return known

@@ -48,6 +48,9 @@ class FakeOnebox:
     next_item: int = 1
     #: Onebox refusing to release seats outside BASKET (one of its possible answers).
     refuse_release: bool = False
+    #: Onebox answering a release outside BASKET with the order as it was (one of its
+    #: possible answers: the sandbox's ``release_outside_basket=ignored``).
+    ignore_release: bool = False
     #: Reads by code that still show a confirmed order as pre-confirmed (a lagging read).
     stale_reads: int = 0
 
@@ -120,6 +123,8 @@ class FakeOnebox:
             if self.orders[order_id].status == "CONFIRM" or self.refuse_release:
                 raise PermanentError("not in basket", code="DIST0004", status=400,
                                      step="release")
+            if self.ignore_release and self.orders[order_id].status != "BASKET":
+                return self.orders[order_id]
             held = {item.id for item in self.orders[order_id].items}
             if set(item_ids) - held:
                 raise PermanentError("items not in the order", code="DIST0005", status=400,
@@ -870,3 +875,24 @@ def test_a_refused_confirm_keeps_no_mark_so_an_expired_basket_is_bought_again(
     [result] = world.results()
     assert result.status == "confirmed", result.error
     assert world.onebox.calls.count("create") == 2
+
+
+def test_a_release_answered_but_not_done_is_waited_out_as_our_own_hold(world: World) -> None:
+    # Given a pre-confirm done by Onebox whose answer was lost, and Onebox answering
+    # a release outside BASKET without doing it
+    reference = world.submit()
+    world.onebox.done_then_raise["pre_confirm"] = [
+        OutcomeUnknownError("lost", code="CONNECTION_LOST", step="pre_confirm")]
+    world.onebox.ignore_release = True
+    # When the flow restarts on a new basket, releasing the old one
+    assert isinstance(world.run(reference), RetryIn)
+    if "release" not in world.onebox.calls:
+        world.run(reference, Stage.BASKET, attempt=2)  # the interrupted call is met
+    [abandoned, *_] = world.onebox.orders
+    assert "release" in world.onebox.calls
+    assert world.onebox.orders[abandoned].items  # the release did not take
+    # Then the old order is remembered as ours, holding seats until it expires: a
+    # seat it holds is waited for, not reported unavailable
+    entry = world.services.ledger.get(reference)
+    assert entry is not None and abandoned in entry.orphans
+    assert entry.orphan_expires is not None
