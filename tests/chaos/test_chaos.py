@@ -79,7 +79,12 @@ def _chaos_cluster(tmp_path: Path, broker_url: str | None) -> Iterator[Cluster]:
                                            check=False).returncode == 0)
     server = RedisServer(tmp_path / "redis", free_port(), appendfsync=APPENDFSYNC,
                          simulate_host_crash=True)
-    sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", "20", "--seed", "7")
+    # As in production, a killed worker's purchase is resumed (visibility timeout,
+    # or the sweep past stuck_after) well within a basket's life: a worker killed
+    # between marking its confirm and sending it leaves a pre-confirmed order,
+    # which the resumed run reads and confirms. Resumed after it expired, that
+    # order is gone (404: no proof either way) and the intent ends unsettled.
+    sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", "40", "--seed", "7")
     settings = Settings.defaults().with_overrides(
         onebox_api_url=sandbox.url, redis_url=server.url, broker_url=broker_url or server.url,
         key_prefix=unique_prefix("chaos"), onebox_read_timeout=2.0,
