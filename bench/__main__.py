@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, list[str]] = {
     "sandbox": ["sandbox_throughput.py"],
     "finished-entry": ["finished_entry.py", "--intents", "200"],
     "intake": ["intake.py", "--intents", "20000"],
+    "session-cap": ["session_cap.py", "--intents", "200"],
+    "redis-clock": ["redis_clock.py", "--orders", "300", "--rounds", "5"],
 }
 
 
