@@ -31,6 +31,7 @@ from fulfilment.errors import FulfilmentError
 from fulfilment.intake import last_drained
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
+from fulfilment.release import waiting as bulk_waiting
 from fulfilment.topology import Topology, is_amqp
 
 OK, DEGRADED, UNHEALTHY, SKIPPED = "ok", "degraded", "unhealthy", "skipped"
@@ -141,6 +142,7 @@ def _check_broker_and_queues(settings: Settings, keys: Keys,
         with broker_connection(settings) as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=int(TIMEOUT))
             for label, queue in (("purchase", topology.task_queue),
+                                 ("live", topology.live_queue),
                                  ("continue", topology.continue_queue),
                                  ("maintenance", topology.maintenance_queue),
                                  ("results", topology.results_queue),
@@ -151,6 +153,10 @@ def _check_broker_and_queues(settings: Settings, keys: Keys,
     if client is not None:
         depths["intake"] = int(client.llen(keys.intake))
         depths["intake_processing"] = int(client.llen(keys.intake_processing))
+        # Bulk intents waiting in Redis for their release (fulfilment.release), per shop.
+        waiting = bulk_waiting(client, keys)
+        depths["bulk_in_flight"] = waiting.in_flight
+        depths.update({f"bulk_waiting:{shop}": n for shop, n in waiting.by_shop.items()})
     shown = ", ".join(f"{name} {count if count is not None else '?'}"
                       for name, count in depths.items())
     return Check("broker", OK, f"{where}: queues {shown}", {"url": where, "queues": depths})

@@ -138,8 +138,7 @@ class Cluster:
     def start_worker(self, *, concurrency: int = 2, beat: bool = False,
                      pool: str = "prefork") -> Child:
         name = f"w{len(self.workers)}-{self.settings.key_prefix}@%h"
-        args = worker_args([self.keys.continue_queue, self.keys.task_queue,
-                            self.keys.maintenance_queue], name,
+        args = worker_args([queue.name for queue in self.topology.consumed], name,
                            concurrency=concurrency, beat=beat,
                            schedule=self.tmp / f"beat-{len(self.workers)}", pool=pool)
         worker = Child(args, self.tmp / f"worker-{len(self.workers)}.log", env_for(self.settings))
