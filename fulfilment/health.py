@@ -153,13 +153,16 @@ def _check_broker_and_queues(settings: Settings, keys: Keys,
     if client is not None:
         depths["intake"] = int(client.llen(keys.intake))
         depths["intake_processing"] = int(client.llen(keys.intake_processing))
-        # Bulk intents waiting in Redis for their release (fulfilment.release), per shop.
-        waiting = bulk_waiting(client, keys)
-        depths["bulk_in_flight"] = waiting.in_flight
-        depths.update({f"bulk_waiting:{shop}": n for shop, n in waiting.by_shop.items()})
     shown = ", ".join(f"{name} {count if count is not None else '?'}"
                       for name, count in depths.items())
-    return Check("broker", OK, f"{where}: queues {shown}", {"url": where, "queues": depths})
+    data: dict[str, Any] = {"url": where, "queues": depths}
+    if client is not None:
+        # Bulk intents waiting in Redis for their release (fulfilment.release), per shop.
+        waiting = bulk_waiting(client, keys)
+        data["bulk"] = {"waiting": waiting.by_shop, "in_flight": waiting.in_flight}
+        shops = ", ".join(f"{shop} {n}" for shop, n in waiting.by_shop.items()) or "none"
+        shown += f"; bulk waiting in Redis by shop: {shops}, {waiting.in_flight} in flight"
+    return Check("broker", OK, f"{where}: queues {shown}", data)
 
 
 def _depth(connection: Connection, queue: Queue, amqp: bool) -> int | None:

@@ -154,8 +154,8 @@ class Producer:
         if admission is Admission.DUPLICATE:
             log.info("intent %s is a duplicate; taken once already", intent.reference)
             return Submission(intent.reference, DUPLICATE)
-        started = self._start([intent.reference], intent.lane, intent.shop)
-        self._release_bulk(intent.lane)
+        started = self._start([intent.reference], intent.lane, intent.shop) and \
+            self._release_bulk(intent.lane)
         return Submission(intent.reference, ACCEPTED, awaiting_dispatch=not started,
                           lane=intent.lane)
 
@@ -213,19 +213,24 @@ class Producer:
                 answers[index] = Submission(intent.reference, DUPLICATE)
             else:
                 accepted.setdefault((intent.lane, intent.shop), {})[index] = intent.reference
-        for (lane, shop), group in accepted.items():
-            started = self._start(list(group.values()), lane, shop, fan_out=True)
-            for index, reference in group.items():
-                answers[index] = Submission(reference, ACCEPTED, awaiting_dispatch=not started,
-                                            lane=lane)
+        started = {group: self._start(list(references.values()), *group, fan_out=True)
+                   for group, references in accepted.items()}
         # Once every shop's intents are parked: the release takes turns between them.
-        self._release_bulk(*(lane for lane, _ in accepted))
+        released = self._release_bulk(*(lane for lane, _ in accepted))
+        for (lane, shop), group in accepted.items():
+            sent = started[lane, shop] and (released or lane != BULK)
+            for index, reference in group.items():
+                answers[index] = Submission(reference, ACCEPTED, awaiting_dispatch=not sent,
+                                            lane=lane)
         return [answer for answer in answers if answer is not None]
 
-    def _release_bulk(self, *lanes: str | None) -> None:
-        """Release parked bulk intents as far as there is room (after parking some)."""
+    def _release_bulk(self, *lanes: str | None) -> bool:
+        """Release parked bulk intents as far as there is room (after parking some); False
+        if the broker refused (or lately refused) what was released: the parked wait for
+        it to be back, the released are owed."""
         if BULK in lanes and self._bulk is not None:
-            self._send(self._bulk.top_up)  # refused: they wait, parked or owed
+            return self._send(self._bulk.top_up)
+        return True
 
     def _start(self, references: Sequence[str], lane: str | None, shop: str | None, *,
                fan_out: bool = False) -> bool:
@@ -233,11 +238,10 @@ class Producer:
 
         Parked bulk intents are released (``_release_bulk``) as far as there
         is room; a release the broker refuses leaves them in flight and owed
-        (sent again when the broker is back, or resumed by the sweep), and
-        parked is accepted: not awaiting dispatch. A fan-out is one message: the broker takes all of
-        it or none. One by one, the first refusal stops the rest (those sent
-        are started twice at worst, by the sweep: harmless, as any redelivered
-        chain is).
+        (sent again when the broker is back, or resumed by the sweep). A
+        fan-out is one message: the broker takes all of it or none. One by
+        one, the first refusal stops the rest (those sent are started twice at
+        worst, by the sweep: harmless, as any redelivered chain is).
         """
         bulk = self._bulk
         if lane == BULK and bulk is not None:
