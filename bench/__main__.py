@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "durability": ["durability_cost.py"],
     "sandbox": ["sandbox_throughput.py"],
     "finished-entry": ["finished_entry.py", "--intents", "200"],
+    "lanes": ["lanes.py", "--a-lines", "10000", "--b-lines", "1000"],
 }
 
 

@@ -19,7 +19,8 @@ beside its fair share (B's lines at half the fleet's bulk rate alone; goal
 control's own cost on the same Redis: commands and round trips per intent.
 
 Usage: python bench/lanes.py [--a-lines 10000] [--b-lines 1000] [--workers 2]
-Prints a table and writes bench/results/lanes.json. Loopback only.
+Prints a table and writes bench/results/lanes.json (lanes-N.json for another
+--a-lines). Loopback only.
 """
 
 from __future__ import annotations
@@ -294,13 +295,15 @@ def main() -> None:
           f"{cost['round_trips_per_intent']:.3f} round trips per intent, park "
           f"{cost['park_us_per_intent']:.0f} us + release {cost['release_us_per_intent']:.0f} "
           f"us per intent")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    written = RESULTS if args.a_lines == 10_000 else \
+        RESULTS.with_name(f"lanes-{args.a_lines}.json")
+    written.parent.mkdir(exist_ok=True)
+    written.write_text(json.dumps({
         "machine": platform.platform(), "cpus": os.cpu_count(), "latency_ms": args.latency_ms,
         "workers": args.workers, "pool": "threads", "concurrency": args.concurrency,
         "a_lines": args.a_lines, "b_lines": args.b_lines, "b_after_s": args.b_after,
         "live_every_s": args.live_every, "in_flight": args.in_flight, **out}, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS.relative_to(ROOT)}")
+    print(f"\nwritten to {written.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
