@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "intake": ["intake.py", "--intents", "20000"],
     "session-cap": ["session_cap.py", "--intents", "200"],
     "redis-clock": ["redis_clock.py", "--orders", "300", "--rounds", "5"],
+    "lanes": ["lanes.py", "--a-lines", "10000", "--b-lines", "1000"],
 }
 
 

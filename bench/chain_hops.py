@@ -133,7 +133,7 @@ def main() -> None:
             worker = Child([sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",
                             "-P", args.pool, "-c", str(args.concurrency), "-n", f"bench{n}@%h",
                             "-I", "bench.probe_tasks",
-                            "-Q", f"{keys.continue_queue},{keys.task_queue}",
+                            "-Q", f"{keys.continue_queue},{keys.live_queue},{keys.task_queue}",
                             "--without-gossip", "--without-mingle", "--without-heartbeat"],
                            tmp / f"worker{n}.log", {**env_for(settings), "PYTHONPATH": str(ROOT)})
             cluster.workers.append(worker)

@@ -87,7 +87,8 @@ ROWS = {
 def start_workers(cluster: Cluster, shape: Shape, tmp: Path) -> list[Child]:
     keys = cluster.keys
     env = {**env_for(cluster.settings), "PYTHONPATH": str(ROOT)}
-    workers = [Child(worker_args([keys.continue_queue, keys.task_queue], f"t{n}@%h",
+    queues = [keys.continue_queue, keys.live_queue, keys.task_queue]
+    workers = [Child(worker_args(queues, f"t{n}@%h",
                                  concurrency=shape.concurrency, pool=shape.pool),
                      tmp / f"worker-{shape.pool}-{shape.concurrency}-{n}.log", env)
                for n in range(shape.processes)]

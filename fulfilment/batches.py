@@ -20,6 +20,7 @@ import redis
 
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
+from fulfilment.release import Waiting, waiting
 
 #: References read per round trip when walking a batch's outcomes.
 PAGE = 1000
@@ -49,6 +50,8 @@ class BatchStatus:
     created_at: float | None = None
     updated_at: float | None = None
     oldest_open: OpenIntent | None = None
+    #: Bulk intents of every batch waiting in Redis for their release, per shop.
+    bulk: Waiting | None = None
 
     @property
     def exists(self) -> bool:
@@ -74,6 +77,8 @@ class BatchStatus:
                 "reference": oldest.reference, "admitted_at": oldest.admitted_at,
                 "stage": oldest.stage, "attempts": oldest.attempts,
                 "updated_at": oldest.updated_at},
+            "bulk_waiting": None if self.bulk is None else dict(self.bulk.by_shop),
+            "bulk_in_flight": None if self.bulk is None else self.bulk.in_flight,
         }
 
 
@@ -100,6 +105,7 @@ def batch_status(client: redis.Redis, keys: Keys, batch: str) -> BatchStatus:
         updated_at=_float(counters.get("updated_at")),
         oldest_open=_open_intent(client, keys, text(oldest[0][0]), float(oldest[0][1]))
         if oldest else None,
+        bulk=waiting(client, keys),
     )
 
 
@@ -170,6 +176,11 @@ def describe(status: BatchStatus, *, now: float | None = None) -> list[str]:
         if oldest.updated_at:
             line += f", last progress {_ago(now, oldest.updated_at)} ago"
         lines.append(line)
+    bulk = status.bulk
+    if bulk is not None and (bulk.by_shop or bulk.in_flight):
+        shops = ", ".join(f"{shop} {count:,}" for shop, count in bulk.by_shop.items()) or "none"
+        lines.append(f"  bulk lane, all batches: waiting in Redis by shop: {shops}; "
+                     f"{bulk.in_flight:,} released, in flight")
     return lines
 
 

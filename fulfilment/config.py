@@ -311,6 +311,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_INTAKE_INTERVAL", "intake_interval", "1",
             "Seconds between two drains of the Redis-list intake (celery beat).",
             _positive_float),
+    Setting("FULFILMENT_BULK_IN_FLIGHT", "bulk_in_flight", "64",
+            "Bulk intents released to the broker and not yet finished, fleet-wide, at most; "
+            "the rest wait in Redis, shared fairly between shops (fulfilment.release). "
+            "About twice the fleet's worker slots keeps them busy.", _positive_int),
+    Setting("FULFILMENT_RELEASE_INTERVAL", "release_interval", "1",
+            "Seconds between two releases of waiting bulk intents by celery beat (a safety "
+            "net: producers and workers release as they admit and finish).", _positive_float),
     # --- Metrics (tasks.metrics) ---------------------------------------------------
     Setting("FULFILMENT_METRICS_PORT", "metrics_port", "9650",
             "Port each worker serves Prometheus metrics on (`/metrics`, summed over its pool "
@@ -368,6 +375,8 @@ class Settings:
     task_time_limit: int
     sweep_interval: float
     intake_interval: float
+    bulk_in_flight: int
+    release_interval: float
     metrics_port: int
     metrics_address: str
     log_format: str

@@ -899,6 +899,9 @@ def _result(services: Services, entry: Entry, status: str, *, order_code: str | 
         submitted_at=entry.submitted_at,
         finished_at=datetime.fromtimestamp(services.clock(), UTC),
         metadata=entry.result_metadata,
+        # The intent's shop (a settled outcome: the unsettled one's, the intent is gone).
+        shop=entry.stored_intent.shop if entry.stored_intent is not None
+        else entry.outcome.shop if entry.outcome is not None else None,
     )
 
 

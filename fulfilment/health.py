@@ -32,6 +32,7 @@ from fulfilment.errors import FulfilmentError
 from fulfilment.intake import last_drained, taken_count
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
+from fulfilment.release import waiting as bulk_waiting
 from fulfilment.topology import Topology, is_amqp
 
 OK, DEGRADED, UNHEALTHY, SKIPPED = "ok", "degraded", "unhealthy", "skipped"
@@ -147,6 +148,7 @@ def _check_broker_and_queues(settings: Settings, keys: Keys,
         with broker_connection(settings) as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, timeout=int(TIMEOUT))
             for label, queue in (("purchase", topology.task_queue),
+                                 ("live", topology.live_queue),
                                  ("continue", topology.continue_queue),
                                  ("maintenance", topology.maintenance_queue),
                                  ("results", topology.results_queue),
@@ -159,7 +161,14 @@ def _check_broker_and_queues(settings: Settings, keys: Keys,
         depths["intake_processing"] = taken_count(client, keys)
     shown = ", ".join(f"{name} {count if count is not None else '?'}"
                       for name, count in depths.items())
-    return Check("broker", OK, f"{where}: queues {shown}", {"url": where, "queues": depths})
+    data: dict[str, Any] = {"url": where, "queues": depths}
+    if client is not None:
+        # Bulk intents waiting in Redis for their release (fulfilment.release), per shop.
+        waiting = bulk_waiting(client, keys)
+        data["bulk"] = {"waiting": waiting.by_shop, "in_flight": waiting.in_flight}
+        shops = ", ".join(f"{shop} {n}" for shop, n in waiting.by_shop.items()) or "none"
+        shown += f"; bulk waiting in Redis by shop: {shops}, {waiting.in_flight} in flight"
+    return Check("broker", OK, f"{where}: queues {shown}", data)
 
 
 def _depth(connection: Connection, queue: Queue, amqp: bool) -> int | None:

@@ -93,6 +93,26 @@ class Keys:
         """String: when the intake was last drained (epoch seconds); ``fulfilment health``."""
         return f"{self.prefix}:intake:drained_at"
 
+    # --- bulk flow control (fulfilment.release) ----------------------------------
+    def bulk_ready(self, shop: str) -> str:
+        """List: a shop's admitted bulk references waiting to be released, oldest first."""
+        return f"{self.bulk_ready_prefix}{shop}"
+
+    @property
+    def bulk_ready_prefix(self) -> str:
+        return f"{self.prefix}:bulk:ready:"
+
+    @property
+    def bulk_shops(self) -> str:
+        """List: the shops with bulk work waiting, in the order they are served next."""
+        return f"{self.prefix}:bulk:shops"
+
+    @property
+    def bulk_in_flight(self) -> str:
+        """Sorted set: bulk references released to the broker without an outcome yet,
+        scored by when (Redis's clock)."""
+        return f"{self.prefix}:bulk:in_flight"
+
     @property
     def sweep_lock(self) -> str:
         return f"{self.prefix}:sweep:lock"
@@ -121,7 +141,13 @@ class Keys:
     # --- broker names (queues and exchanges) -----------------------------------
     @property
     def task_queue(self) -> str:
+        """New intents of the bulk lane (and anything not routed elsewhere)."""
         return f"{self.prefix}.purchase"
+
+    @property
+    def live_queue(self) -> str:
+        """New intents of the live lane: served before the bulk lane's (``task_queue``)."""
+        return f"{self.prefix}.purchase.live"
 
     @property
     def continue_queue(self) -> str:

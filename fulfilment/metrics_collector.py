@@ -43,7 +43,8 @@ class RedisCollector:
         self._broker = broker
         self._broker_prefix = broker_prefix
         self._steps = tuple(priority_steps)
-        self.queues = (keys.task_queue, keys.continue_queue, keys.maintenance_queue,
+        self.queues = (keys.task_queue, keys.live_queue, keys.continue_queue,
+                       keys.maintenance_queue,
                        keys.results_queue, keys.failures_queue)
 
     @classmethod

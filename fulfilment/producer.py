@@ -6,6 +6,12 @@ payload is a duplicate and is taken once; with a different payload it is a
 conflict and is refused, as payment APIs treat a reused idempotency key.
 How an admitted intent is dispatched (a Celery chain) is the caller's business:
 this module never imports Celery.
+
+Lanes: a ``live`` intent is dispatched at once (to the live queue, served
+before bulk work); a ``bulk`` intent is parked in Redis behind its shop's and
+released as capacity frees (``fulfilment.release``). ``submit`` defaults to
+live, ``submit_many`` to bulk; ``lane=`` changes the default, and an intent's
+own ``lane`` wins over both.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from marshmallow import ValidationError
 from fulfilment.errors import InvalidMessageError, PermanentError
 from fulfilment.ledger import Admission, Ledger
 from fulfilment.redact import scrub
-from schemas.intent import MAX_MESSAGE_BYTES, PurchaseIntent, load_intent
+from fulfilment.release import BulkGate
+from schemas.intent import BULK, LANES, LIVE, MAX_MESSAGE_BYTES, PurchaseIntent, load_intent
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,8 @@ class Submission:
     #: Accepted (admitted), but the broker did not take its purchase: it waits in the
     #: ledger, and the recovery sweep starts it (``FULFILMENT_STUCK_AFTER``).
     awaiting_dispatch: bool = False
+    #: The lane it was admitted in (accepted only).
+    lane: str | None = None
 
 
 def parse_intent(raw: RawIntent, *, max_quantity: int) -> PurchaseIntent:
@@ -110,15 +119,21 @@ class Producer:
     broker starts refusing and one line when it takes messages again; the
     producer tries it again ``DISPATCH_RETRY_AFTER`` seconds later, not sooner,
     so a file goes on at Redis's pace while the broker is away.
+
+    ``dispatch`` and ``dispatch_many`` start live intents. With ``bulk``, bulk
+    intents are parked and released through it (flow control and fair shares);
+    without it (tests, the embedded demo) they are dispatched as live ones.
     """
 
     def __init__(self, ledger: Ledger, dispatch: Callable[[str], None], *,
                  max_quantity: int,
                  dispatch_many: Callable[[Sequence[str]], None] | None = None,
+                 bulk: BulkGate | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._ledger = ledger
         self._dispatch = dispatch
         self._dispatch_many = dispatch_many
+        self._bulk = bulk
         self._max_quantity = max_quantity
         self._clock = clock
         self._broker_refused_at: float | None = None
@@ -128,20 +143,24 @@ class Producer:
         """The largest ``quantity`` an intent may ask for here (``FULFILMENT_MAX_QUANTITY``)."""
         return self._max_quantity
 
-    def submit(self, raw: RawIntent) -> Submission:
-        """Take one intent in; raise ``InvalidMessageError`` or ``ReferenceConflictError``."""
-        intent = parse_intent(raw, max_quantity=self._max_quantity)
+    def submit(self, raw: RawIntent, *, lane: str = LIVE) -> Submission:
+        """Take one intent in; raise ``InvalidMessageError`` or ``ReferenceConflictError``.
+
+        ``lane``: the lane of an intent that names none (live: a checkout)."""
+        intent = _in_lane(parse_intent(raw, max_quantity=self._max_quantity), lane)
         admission = self._ledger.admit(intent)
         if admission is Admission.CONFLICT:
             raise ReferenceConflictError(_conflict(intent.reference))
         if admission is Admission.DUPLICATE:
             log.info("intent %s is a duplicate; taken once already", intent.reference)
             return Submission(intent.reference, DUPLICATE)
-        started = self._start([intent.reference])
-        return Submission(intent.reference, ACCEPTED, awaiting_dispatch=not started)
+        started = self._start([intent.reference], intent.lane, intent.shop) and \
+            self._release_bulk(intent.lane)
+        return Submission(intent.reference, ACCEPTED, awaiting_dispatch=not started,
+                          lane=intent.lane)
 
     def submit_many(self, intents: Iterable[RawIntent], *, batch: str | None = None,
-                    chunk: int = CHUNK) -> Iterator[Submission]:
+                    chunk: int = CHUNK, lane: str = BULK) -> Iterator[Submission]:
         """Take each intent in, in order; a refused one is reported, never raised.
 
         Streams: ``chunk`` intents are validated, admitted in one Redis round
@@ -150,12 +169,13 @@ class Producer:
         the next chunk is validated and prepared here, so the round trip (an
         fsync, on a durable Redis) costs no validation time; at most two chunks
         are held at once. With ``batch``, an intent without a
-        batch joins it, and one naming another batch is refused.
+        batch joins it, and one naming another batch is refused. ``lane``: the
+        lane of intents that name none (bulk: an upload).
         """
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="admit") as admitting:
             in_flight: tuple[Future[list[Admission]], _Chunk] | None = None
             for group in _groups(intents, chunk):
-                prepared = self._prepare(group, batch)
+                prepared = self._prepare(group, batch, lane)
                 if in_flight is not None:
                     yield from self._complete(*in_flight)
                 in_flight = (admitting.submit(self._ledger.send_admissions,
@@ -184,14 +204,16 @@ class Producer:
                 log.error("intake: a message could not be parsed (%s)", type(exc).__name__)
                 answer = Submission(None, REFUSED, {}, f"unreadable message: {type(exc).__name__}")
             answers.append(answer)
-        admitted = iter(list(self.submit_many(intents, chunk=max(len(intents), 1))))
+        # Intake intents are checkouts of other backends: live, unless they say bulk.
+        admitted = iter(list(self.submit_many(intents, chunk=max(len(intents), 1), lane=LIVE)))
         return [answer or _as_conflict(next(admitted)) for answer in answers]
 
-    def _prepare(self, raws: Sequence[RawIntent], batch: str | None) -> _Chunk:
+    def _prepare(self, raws: Sequence[RawIntent], batch: str | None, lane: str) -> _Chunk:
         prepared = _Chunk([None] * len(raws))
         for index, raw in enumerate(raws):
             try:
-                intent = _in_batch(parse_intent(raw, max_quantity=self._max_quantity), batch)
+                intent = _in_lane(_in_batch(parse_intent(raw, max_quantity=self._max_quantity),
+                                            batch), lane)
             except InvalidMessageError as exc:
                 prepared.answers[index] = Submission(reference_of(raw), REFUSED, exc.errors,
                                                      exc.message)
@@ -203,7 +225,8 @@ class Producer:
     def _complete(self, admitting: Future[list[Admission]],
                   prepared: _Chunk) -> list[Submission]:
         answers = prepared.answers
-        accepted: dict[int, str] = {}  # index in the chunk: reference
+        #: (lane, shop): index in the chunk -> reference
+        accepted: dict[tuple[str | None, str | None], dict[int, str]] = {}
         for index, intent, admission in zip(prepared.indexes, prepared.intents,
                                             admitting.result(), strict=True):
             if admission is Admission.CONFLICT:
@@ -213,29 +236,64 @@ class Producer:
                 log.info("intent %s is a duplicate; taken once already", intent.reference)
                 answers[index] = Submission(intent.reference, DUPLICATE)
             else:
-                accepted[index] = intent.reference
-        started = bool(accepted) and self._start(list(accepted.values()), fan_out=True)
-        for index, reference in accepted.items():
-            answers[index] = Submission(reference, ACCEPTED, awaiting_dispatch=not started)
+                accepted.setdefault((intent.lane, intent.shop), {})[index] = intent.reference
+        started = {group: self._start(list(references.values()), *group, fan_out=True)
+                   for group, references in accepted.items()}
+        # Once every shop's intents are parked: the release takes turns between them.
+        released = self._release_bulk(*(lane for lane, _ in accepted))
+        for (lane, shop), group in accepted.items():
+            sent = started[lane, shop] and (released or lane != BULK)
+            for index, reference in group.items():
+                answers[index] = Submission(reference, ACCEPTED, awaiting_dispatch=not sent,
+                                            lane=lane)
         return [answer for answer in answers if answer is not None]
 
-    def _start(self, references: Sequence[str], *, fan_out: bool = False) -> bool:
-        """Dispatch admitted intents; False if the broker did not take them.
+    def _release_bulk(self, *lanes: str | None) -> bool:
+        """Release parked bulk intents as far as there is room (after parking some); False
+        if the broker refused (or lately refused) what was released: the parked wait for
+        it to be back, the released are owed."""
+        if BULK in lanes and self._bulk is not None:
+            return self._send(self._bulk.top_up)
+        return True
 
-        A fan-out is one message: the broker takes all of it or none. One by
+    def _start(self, references: Sequence[str], lane: str | None, shop: str | None, *,
+               fan_out: bool = False) -> bool:
+        """Dispatch admitted intents, or park bulk ones; False if neither was done.
+
+        Parked bulk intents are released (``_release_bulk``) as far as there
+        is room; a release the broker refuses leaves them in flight and owed
+        (sent again when the broker is back, or resumed by the sweep). A
+        fan-out is one message: the broker takes all of it or none. One by
         one, the first refusal stops the rest (those sent are started twice at
         worst, by the sweep: harmless, as any redelivered chain is).
         """
+        bulk = self._bulk
+        if lane == BULK and bulk is not None:
+            try:
+                bulk.release.park(shop, references)
+            except redis.RedisError as exc:
+                # Admitted, not parked: open in the ledger, the sweep starts them.
+                log.warning("admitted bulk intents could not be queued in Redis (%s): the "
+                            "recovery sweep starts them", type(exc).__name__)
+                return False
+            return True
+        return self._send(lambda: self._dispatch_now(references, fan_out))
+
+    def _dispatch_now(self, references: Sequence[str], fan_out: bool) -> None:
+        if fan_out and self._dispatch_many is not None:
+            self._dispatch_many(references)
+        else:
+            for reference in references:
+                self._dispatch(reference)
+
+    def _send(self, send: Callable[[], object]) -> bool:
+        """Run a send to the broker unless it refused one lately; False if it did not take it."""
         now = self._clock()
         refused_at = self._broker_refused_at
         if refused_at is not None and now - refused_at < DISPATCH_RETRY_AFTER:
             return False
         try:
-            if fan_out and self._dispatch_many is not None:
-                self._dispatch_many(references)
-            else:
-                for reference in references:
-                    self._dispatch(reference)
+            send()
         except DISPATCH_ERRORS as exc:
             if refused_at is None:
                 log.warning("the broker did not take a dispatch (%s): admitted intents wait "
@@ -269,6 +327,13 @@ def _as_conflict(answer: Submission) -> Submission:
     if answer.status != REFUSED:
         return answer
     return dataclasses.replace(answer, errors={"reference": [answer.reason]})
+
+
+def _in_lane(intent: PurchaseIntent, lane: str) -> PurchaseIntent:
+    """The intent with its lane said: its own, else ``lane``."""
+    if lane not in LANES:
+        raise ValueError(f"lane must be one of {', '.join(LANES)}")
+    return intent if intent.lane is not None else dataclasses.replace(intent, lane=lane)
 
 
 def _conflict(reference: str) -> str:

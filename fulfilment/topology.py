@@ -6,6 +6,15 @@ that only wants failures binds its own queue to ``result.failed``. Messages
 that could not be taken in at all (invalid payloads found on a queue) go to the
 failures queue with their reason.
 
+Workers serve their queues in the order of ``Topology.consumed``: purchases
+under way (``continue``), then new live intents, then periodic work, then new
+bulk intents. On Redis kombu's ``queue_order_strategy='priority'`` makes each
+BRPOP name them in that order, so a worker takes a bulk message only when
+the others are empty. RabbitMQ has no order between queues (and quorum queues
+no priorities): there the bulk queue is kept shallow by flow control
+(``fulfilment.release``), so a live intent waits behind at most the few bulk
+messages released, never behind a whole file.
+
 On RabbitMQ (an ``amqp://`` broker) every queue of ours is a durable *quorum*
 queue (replicated, fsynced before the publisher's confirm) and the task queues
 hang off durable topic exchanges: Celery's native delayed delivery, which a
@@ -43,6 +52,7 @@ class Topology:
     failures_queue: Queue
     task_queue: Queue
     continue_queue: Queue
+    live_queue: Queue
     maintenance_queue: Queue
     #: Plain JSON intents from any AMQP client, taken in by the drain (``fulfilment.intake``).
     intake_queue: Queue
@@ -70,6 +80,7 @@ class Topology:
                                  durable=True, queue_arguments=arguments),
             task_queue=task_queue(keys.task_queue),
             continue_queue=task_queue(keys.continue_queue),
+            live_queue=task_queue(keys.live_queue),
             maintenance_queue=task_queue(keys.maintenance_queue),
             intake_queue=Queue(keys.intake_queue, Exchange(keys.intake_queue, type="direct",
                                                            durable=True),
@@ -80,8 +91,14 @@ class Topology:
     @property
     def queues(self) -> tuple[Queue, ...]:
         """Every queue of the deployment (what an operator or a test cleans up)."""
-        return (self.task_queue, self.continue_queue, self.maintenance_queue,
+        return (self.task_queue, self.continue_queue, self.live_queue, self.maintenance_queue,
                 self.results_queue, self.failures_queue, self.intake_queue)
+
+    @property
+    def consumed(self) -> tuple[Queue, ...]:
+        """The queues a worker takes tasks from, in the order it serves them: purchases
+        under way, then live intents, then periodic work, then bulk."""
+        return (self.continue_queue, self.live_queue, self.maintenance_queue, self.task_queue)
 
 
 def routing_key_for(status: str) -> str:

@@ -59,6 +59,10 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         # default scans every 100 s, too seldom for a short timeout).
         "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
         "unacked_restore_throttle": 1,
+        # BRPOP names the queues in the order a worker consumes them (continue, live,
+        # maintenance, bulk: fulfilment.topology) and takes from the first that has a
+        # message, instead of kombu's default rotation: live work is never behind bulk.
+        "queue_order_strategy": "priority",
     }
     if url.startswith(("redis://", "rediss://")):
         # Every broker key under the deployment's prefix too: one Redis, many deployments.

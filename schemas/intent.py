@@ -48,11 +48,18 @@ from schemas._fields import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_QUANTITY", "MAX_MESSAGE_BYTES", "AutoItem", "Buyer", "Item", "NumberedItem",
-    "PurchaseIntent", "SeatRef", "dump_intent", "intent_schema", "load_intent",
+    "BULK", "DEFAULT_MAX_QUANTITY", "LANES", "LIVE", "MAX_MESSAGE_BYTES", "AutoItem", "Buyer",
+    "Item", "NumberedItem", "PurchaseIntent", "SeatRef", "dump_intent", "intent_schema",
+    "load_intent",
 ]
 
 DEFAULT_MAX_QUANTITY = 50
+#: Lanes: ``live`` (a checkout waiting for its answer: dispatched at once, served before
+#: bulk) and ``bulk`` (an upload: waits in Redis and is released as capacity frees).
+LIVE, BULK = "live", "bulk"
+LANES = (LIVE, BULK)
+#: Fields that say how an intent travels, not what is bought: left out of the fingerprint.
+NOT_FINGERPRINTED = frozenset({"batch", "lane"})
 MAX_ITEMS = 20
 MAX_PAYMENTS = 10
 MAX_BUYER_EXTRA_FIELDS = 20
@@ -132,6 +139,10 @@ class PurchaseIntent:
     batch: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = 1
+    #: ``live`` or ``bulk``; None: the way in decides (``submit``: live, files: bulk).
+    lane: str | None = None
+    #: Whose work this is, for fair shares of the bulk capacity; None: the default shop.
+    shop: str | None = None
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of this intent: see ``intent_fingerprint``."""
@@ -303,6 +314,14 @@ class IntentSchema(StrictSchema):
                                  "of strings, numbers and booleans."},
     )
     batch = reference_field("Groups intents for reporting; copied into the result.")
+    lane = Text(validate=validate.OneOf(LANES, error="Must be one of: live, bulk."), metadata={
+        "description": "live: a checkout waiting for its answer, bought before any bulk work; "
+                       "bulk: an upload, released as capacity frees, shared fairly between "
+                       "shops. Absent: live for one intent submitted (or pushed on the "
+                       "intake list), bulk for submit_many and files."})
+    shop = reference_field(
+        "Whose work this is: the fleet's bulk capacity is shared equally between the shops "
+        "with bulk work waiting. Absent: the default shop. Copied into the result.")
     metadata = metadata_field(
         "Producer data copied into the result: at most 16 keys of 1 to 64 characters, "
         "scalar or null values, at most 2048 bytes as compact JSON.")
@@ -349,16 +368,21 @@ def load_intent(data: Mapping[str, Any] | str | bytes, *,
 
 
 def intent_fingerprint(document: Mapping[str, Any]) -> str:
-    """SHA-256 of an intent's canonical JSON (``dump_intent``) without its ``batch``.
+    """SHA-256 of an intent's canonical JSON (``dump_intent``) without ``batch`` and ``lane``.
 
     Tells a redelivery (a duplicate) from a reference reused for another
     purchase (a conflict), on every way in: the ledger's admission uses it.
     The ``batch`` is left out: it groups intents for reporting and is not part
     of the purchase, so the same intent sent again without a batch, or in
-    another batch, is a duplicate, not a conflict.
+    another batch, is a duplicate, not a conflict. So is the ``lane``: how an
+    intent travels, not what is bought (a checkout retried as a file line is
+    the same purchase). The ``shop`` is kept: a reference another shop used
+    for the same seats is someone else's order, a conflict to report, never
+    a duplicate silently taken as the first shop's.
     """
     return hashlib.sha256(canonical_json(
-        {key: value for key, value in document.items() if key != "batch"})).hexdigest()
+        {key: value for key, value in document.items()
+         if key not in NOT_FINGERPRINTED})).hexdigest()
 
 
 def dump_intent(intent: PurchaseIntent) -> dict[str, Any]:

@@ -88,6 +88,8 @@ class OrderResult:
     finished_at: datetime | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = 1
+    #: The intent's shop, if it named one.
+    shop: str | None = None
 
     def __post_init__(self) -> None:
         problems = _status_problems(self.status, self.order_code is not None,
@@ -159,6 +161,7 @@ class OrderResultSchema(StrictSchema):
                        "deadline whether it went through (maybe bought: see order_code); "
                        "a settled result with the same result_id follows once it can."})
     batch = reference_field("The intent's batch, if it had one.")
+    shop = reference_field("The intent's shop, if it named one.")
     order_code = Text(validate=validate.Length(min=1, max=64), metadata={
         "description": "Onebox's order code; present when confirmed, and when unsettled "
                        "once pre-confirmed."})

@@ -49,8 +49,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
         # Purchases under way have a queue of their own, so a backlog of new
-        # intents cannot hold an open basket back until it expires.
-        "task_queues": [topology.continue_queue, topology.task_queue, topology.maintenance_queue],
+        # intents cannot hold an open basket back until it expires; live intents
+        # one, served before bulk ones. A worker without -Q serves them in this
+        # order (on Redis, strictly: queue_order_strategy, fulfilment.wiring).
+        "task_queues": list(topology.consumed),
         "task_default_queue": keys.task_queue,
         "task_default_exchange": keys.task_queue,
         "task_default_routing_key": keys.task_queue,
@@ -66,6 +68,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                                "schedule": settings.sweep_interval},
             "intake-drain": {"task": "fulfilment.maintenance.drain_intake",
                              "schedule": settings.intake_interval},
+            "bulk-release": {"task": "fulfilment.maintenance.release_bulk",
+                             "schedule": settings.release_interval},
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,

@@ -40,6 +40,7 @@ from fulfilment.progress import Progress
 from fulfilment.redact import url_has_password
 from fulfilment.results import consume_results
 from fulfilment.topology import Topology
+from schemas.intent import BULK, LANES, LIVE
 from schemas.result import CONFIRMED, OrderResult
 
 #: Seconds between two reads of a batch's status while ``submit --wait`` follows it.
@@ -151,10 +152,14 @@ def _report(outcomes: list[OrderResult], expected: int, elapsed: float, quiet: b
               help="With --wait: give up after this many seconds (exit 1) [default: none].")
 @click.option("--chunk", type=click.IntRange(1, 10_000), default=CHUNK, show_default=True,
               help="Intents admitted per Redis round trip and started per fan-out message.")
+@click.option("--lane", type=click.Choice(LANES), default=BULK, show_default=True,
+              help="Lane of intents that name none: bulk waits in Redis and is released "
+                   "fairly between shops as workers free up; live is started at once, "
+                   "before any bulk work.")
 @click.option("--quiet", is_flag=True, help="No duplicate lines, no progress; the summary.")
 def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
            results_path: Path | None, wait_timeout: float | None, chunk: int,
-           quiet: bool) -> None:
+           lane: str, quiet: bool) -> None:
     """Submit the intents of a JSONL or CSV file ('-' for stdin), streamed in chunks.
 
     Every line ends accounted for: admitted, duplicate, or refused with its
@@ -191,6 +196,7 @@ def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
             batch = batch_id or (first and batch_named(first)) or default_batch(path)
             click.echo(f"batch {batch}")
             click.echo(_destination())
+            click.echo(_lane_note(lane))
             if wait:
                 results_path = _results_file(results_path, path, batch)
                 click.echo(f"results to {results_path} once every intent has an outcome")
@@ -199,7 +205,7 @@ def submit(*, source: str, file_format: str, batch_id: str | None, wait: bool,
                 Progress("submitting", total, "intents", terminal=False if quiet else None,
                          every=3600.0 if quiet else 5.0))
             upload.run(itertools.chain([first] if first else [], records), reader=reader,
-                       batch=batch, chunk=chunk, progress=progress)
+                       batch=batch, chunk=chunk, lane=lane, progress=progress)
         except BulkFileError as exc:  # the header: nothing was submitted
             raise click.ClickException(exc.message) from None
         except (redis.RedisError, OperationalError, ConnectionError) as exc:
@@ -244,7 +250,7 @@ class _Upload:
         self.waiting: deque[Record] = deque()
 
     def run(self, records: Iterator[Record], *, reader: Reader, batch: str, chunk: int,
-            progress: Progress) -> None:
+            lane: str, progress: Progress) -> None:
         from tasks.producer import producer
 
         def sendable() -> Iterator[bytes | dict[str, Any]]:
@@ -254,7 +260,8 @@ class _Upload:
                     yield record.raw
 
         for number, submission in enumerate(
-                producer().submit_many(sendable(), batch=batch, chunk=chunk), start=1):
+                producer().submit_many(sendable(), batch=batch, chunk=chunk, lane=lane),
+                start=1):
             self._unreadable()
             self._report(self.waiting.popleft(), submission)
             if number % chunk == 0:
@@ -348,6 +355,14 @@ def _destination() -> str:
     keys = Keys(settings.key_prefix)
     return (f"to broker {mask_url(settings.effective_broker_url)}, queue {keys.task_queue} "
             f"(ledger {mask_url(settings.redis_url)}, prefix {settings.key_prefix})")
+
+
+def _lane_note(lane: str) -> str:
+    """How the upload's intents travel (those that name no lane of their own)."""
+    if lane == LIVE:
+        return "live lane: each intent is started at once, before any bulk work"
+    return ("bulk lane: intents wait in Redis and are released as workers free up, shared "
+            "fairly between shops (fulfilment batch status shows how many wait)")
 
 
 def _say_refused(number: int, submission: Submission) -> None:

@@ -84,10 +84,14 @@ class Cluster:
     def queued(self, queue: str) -> int:
         """Messages ready on one of our queues (a passive declare: it creates nothing).
 
-        A queue that was never declared holds nothing: 0.
+        A queue that was never declared holds nothing: 0. On Redis the lists are
+        counted directly: kombu 5.7's passive declare checks the queue's key
+        without the transport's ``global_keyprefix`` and finds no queue (so 0).
         """
         with broker_connection(self.settings) as connection:
             channel: Any = connection.channel()  # kombu's stubs omit the AMQP methods
+            if not self.on_rabbitmq:
+                return int(channel._size(queue))
             try:
                 declared = channel.queue_declare(queue=queue, passive=True)
             except connection.channel_errors:
@@ -138,8 +142,7 @@ class Cluster:
     def start_worker(self, *, concurrency: int = 2, beat: bool = False,
                      pool: str = "prefork") -> Child:
         name = f"w{len(self.workers)}-{self.settings.key_prefix}@%h"
-        args = worker_args([self.keys.continue_queue, self.keys.task_queue,
-                            self.keys.maintenance_queue], name,
+        args = worker_args([queue.name for queue in self.topology.consumed], name,
                            concurrency=concurrency, beat=beat,
                            schedule=self.tmp / f"beat-{len(self.workers)}", pool=pool)
         worker = Child(args, self.tmp / f"worker-{len(self.workers)}.log", env_for(self.settings))

@@ -67,8 +67,10 @@ def test_health_reports_a_stalled_intake_and_a_stuck_intent_until_beat_runs(
         "redis": "ok", "broker": "ok", "onebox": "ok", "stuck": "degraded", "intake": "degraded"}
     assert checks["stuck"]["stuck"] == 1 and checks["stuck"]["oldest"][0]["reference"] == "stuck-1"
     assert checks["intake"]["last_drained_at"] is None
-    assert set(checks["broker"]["queues"]) == {"purchase", "continue", "maintenance", "results",
-                                               "failures", "intake", "intake_processing"}
+    assert set(checks["broker"]["queues"]) == {"purchase", "live", "continue", "maintenance",
+                                               "results", "failures", "intake",
+                                               "intake_processing"}
+    assert checks["broker"]["bulk"] == {"waiting": {}, "in_flight": 0}
     human = fulfilment(cluster, "health")
     assert human.returncode == 1
     assert human.stdout.splitlines()[-1] == "health: degraded"

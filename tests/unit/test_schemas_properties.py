@@ -83,6 +83,8 @@ intents = st.fixed_dictionaries(
                              max_size=10),
         "batch": references,
         "metadata": metadata,
+        "lane": st.sampled_from(["live", "bulk"]),
+        "shop": references,
     },
 )
 
@@ -103,7 +105,8 @@ def results(draw: st.DrawFn) -> Doc:
     document: Doc = {"result_id": result_id_for(reference), "reference": reference,
                      "status": status, "attempts": draw(st.integers(1, 1000)),
                      "schema_version": 1}
-    optional = {"batch": references, "order_id": st.text(min_size=1, max_size=64),
+    optional = {"batch": references, "shop": references,
+                "order_id": st.text(min_size=1, max_size=64),
                 "submitted_at": times, "finished_at": times, "metadata": metadata,
                 "order_code": st.text(min_size=1, max_size=64)}
     for key, strategy in optional.items():
@@ -143,7 +146,8 @@ ID_BAD = [0, -1, "5", True, 2.5, None, 2**53, [1]]
 REFERENCE_BAD = ["", "r" * 65, "no spaces", "tab\t", 7, None, ["r"]]
 TEXT_BAD = ["", 5, None, True]
 BAD_VALUES: dict[str, list[Any]] = {
-    "reference": REFERENCE_BAD, "batch": REFERENCE_BAD,
+    "reference": REFERENCE_BAD, "batch": REFERENCE_BAD, "shop": REFERENCE_BAD,
+    "lane": ["", "Live", "fast", 1, None, ["live"]],
     "id": ID_BAD, "session_id": ID_BAD, "price_type_id": ID_BAD, "rate_id": ID_BAD,
     "quantity": [0, 51, "3", True, 2.5, None, -3],
     "seats": [[], "seats", None, {}, [{}]],
