@@ -10,11 +10,12 @@ lines, and our own task-layer lines, logged in the pool process). It fills
 only what ``ContextFilter`` left unbound.
 
 Beat sends ``fulfilment.maintenance.drain_intake`` every
-``FULFILMENT_INTAKE_INTERVAL`` (a second): three INFO lines a second
-(beat's "Sending due task", the worker's "received" and "succeeded: 0") for a
-drain that found nothing. Those are demoted to DEBUG; a drain that moved
-something keeps its "succeeded: N" line, and the intake's own line that says
-what it took in.
+``FULFILMENT_INTAKE_INTERVAL`` and ``fulfilment.maintenance.release_bulk``
+every ``FULFILMENT_RELEASE_INTERVAL`` (a second each): three INFO lines a
+second each (beat's "Sending due task", the worker's "received" and
+"succeeded: 0") for a run that found nothing to do. Those are demoted to
+DEBUG; a run that moved something keeps its "succeeded: N" line, and the
+task's own line that says what it did.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from typing import Any
 from celery import current_task
 from celery.app.trace import LOG_RECEIVED, LOG_SUCCESS
 
-#: The task whose idle runs are quieted.
+#: The periodic tasks whose idle runs are quieted.
 DRAIN_TASK = "fulfilment.maintenance.drain_intake"
+RELEASE_TASK = "fulfilment.maintenance.release_bulk"
+QUIET_WHEN_IDLE = frozenset({DRAIN_TASK, RELEASE_TASK})
 #: ``argsrepr`` of a task called with one reference: ``('shop-42',)``.
 _ONE_REFERENCE = re.compile(r"\(\s*'([A-Za-z0-9._:-]{1,64})',?\s*\)")
 _REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -62,16 +65,17 @@ class TaskContextFilter(logging.Filter):
 
 
 def _idle_drain(record: logging.LogRecord) -> bool:
-    """Beat sending the drain, the worker receiving it, or its success with nothing moved."""
+    """Beat sending a drain or a release, the worker receiving it, or its success with
+    nothing moved."""
     data = getattr(record, "data", None)
-    if isinstance(data, dict) and data.get("name") == DRAIN_TASK:
+    if isinstance(data, dict) and data.get("name") in QUIET_WHEN_IDLE:
         if record.msg == LOG_RECEIVED:
             return True  # nobody knows yet whether it will move anything
         # Its success, with the count as a repr; a failure or a retry stays as it is.
         return record.msg == LOG_SUCCESS and data.get("return_value") == _IDLE_RETURN
     # Beat's "Scheduler: Sending due task intake-drain (fulfilment.maintenance.drain_intake)".
     return record.name == "celery.beat" and record.levelno == logging.INFO \
-        and isinstance(record.args, tuple) and DRAIN_TASK in record.args
+        and isinstance(record.args, tuple) and bool(QUIET_WHEN_IDLE.intersection(record.args))
 
 
 def _demote(record: logging.LogRecord) -> bool:

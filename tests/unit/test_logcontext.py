@@ -11,7 +11,7 @@ import pytest
 
 from fulfilment import logcontext
 from fulfilment.logcontext import ContextFilter, JsonFormatter, bound, formatter, text_formatter
-from tasks.logsignals import DRAIN_TASK, TaskContextFilter
+from tasks.logsignals import DRAIN_TASK, RELEASE_TASK, TaskContextFilter
 
 #: Celery's received, success and retry lines (celery.app.trace's LOG_RECEIVED,
 #: LOG_SUCCESS and LOG_RETRY), spelt out as tests do not import Celery.
@@ -156,6 +156,12 @@ def test_a_bound_reference_is_left_alone() -> None:
     (LOG_RECEIVED, {"id": "1", "name": DRAIN_TASK, "args": "()"}, "celery.worker.strategy", True),
     (LOG_SUCCESS, {"id": "1", "name": DRAIN_TASK, "return_value": "0"}, "celery.app.trace", True),
     (LOG_SUCCESS, {"id": "1", "name": DRAIN_TASK, "return_value": "3"}, "celery.app.trace", False),
+    (LOG_RECEIVED, {"id": "1", "name": RELEASE_TASK, "args": "()"}, "celery.worker.strategy",
+     True),
+    (LOG_SUCCESS, {"id": "1", "name": RELEASE_TASK, "return_value": "0"}, "celery.app.trace",
+     True),
+    (LOG_SUCCESS, {"id": "1", "name": RELEASE_TASK, "return_value": "4"}, "celery.app.trace",
+     False),
     (LOG_RETRY, {"id": "1", "name": DRAIN_TASK, "exc": "Retry"}, "celery.app.trace", False),
     (LOG_SUCCESS, {"id": "1", "name": "fulfilment.maintenance.sweep", "return_value": "0"},
      "celery.app.trace", False),
@@ -178,6 +184,8 @@ def test_beats_line_for_the_drain_is_demoted_and_the_sweeps_kept(
     root_logging.setLevel(logging.INFO)
     sending = "Scheduler: Sending due task %s (%s)"
     drain = record(sending, ("intake-drain", DRAIN_TASK), name="celery.beat")
+    release = record(sending, ("bulk-release", RELEASE_TASK), name="celery.beat")
     sweep = record(sending, ("recovery-sweep", "fulfilment.maintenance.sweep"), name="celery.beat")
     assert through(TaskContextFilter(), made=drain) is None
+    assert through(TaskContextFilter(), made=release) is None
     assert through(TaskContextFilter(), made=sweep) is sweep
