@@ -11,8 +11,6 @@ audit): nothing bought twice, and a verdict only on a positive answer.
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -28,26 +26,12 @@ from fulfilment.sandbox import RunningSandbox, SandboxOptions, start_in_thread
 from fulfilment.wiring import build_services
 from schemas.intent import load_intent
 from schemas.result import OrderResult
+from tests.integration.test_sandbox_switches import Clock
 
 pytestmark = pytest.mark.integration
 
 TTL = 600
 
-
-class Clock:
-    """A wall clock the test moves forward by hand; read from the sandbox's thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._now = time.time()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self._now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self._now += seconds
 
 
 @pytest.fixture

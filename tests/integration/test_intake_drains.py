@@ -32,7 +32,6 @@ from fulfilment.producer import Producer, Submission
 from fulfilment.results import ResultPublisher, consume_failures
 from fulfilment.topology import QUORUM, Topology
 from fulfilment.wiring import broker_connection
-from tests import services
 from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
@@ -124,11 +123,6 @@ def test_a_long_list_is_taken_in_by_several_drainers_each_intent_once(
     # And each valid intent has one outcome, each invalid message one failure
     check_outcomes(cluster, valid, bad)
 
-
-@pytest.fixture
-def rabbitmq() -> Iterator[str]:
-    with services.rabbitmq_vhost() as url:
-        yield url
 
 
 def publish_plainly(url: str, queue: str, bodies: Sequence[str]) -> None:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,7 @@ from fulfilment.harness.cluster import Cluster
 from fulfilment.harness.processes import wait_for
 from fulfilment.release import waiting
 from schemas.result import OrderResult
-from tests import services
-from tests.deployment import BROKERS, deployment
+from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +29,6 @@ LATENCY_MS = 20
 BOUND = 4
 
 
-@pytest.fixture(scope="module")
-def rabbitmq() -> Iterator[str]:
-    with services.rabbitmq_vhost() as url:
-        yield url
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest, redis_url: str) -> str:
-    return redis_url if request.param == "redis" else str(request.getfixturevalue("rabbitmq"))
 
 
 def intent(reference: str, **extra: Any) -> dict[str, Any]:

@@ -14,23 +14,13 @@ import pytest
 import redis
 
 from fulfilment.harness.cluster import Cluster
-from tests import services
-from tests.deployment import BROKERS, deployment
+from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
 
 CAPPED = 1002
 
 
-@pytest.fixture(scope="module")
-def rabbitmq() -> Iterator[str]:
-    with services.rabbitmq_vhost() as url:
-        yield url
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest, redis_url: str) -> str:
-    return redis_url if request.param == "redis" else str(request.getfixturevalue("rabbitmq"))
 
 
 @pytest.fixture

@@ -20,21 +20,11 @@ from fulfilment.errors import InvalidMessageError
 from fulfilment.harness.cluster import Cluster, env_for
 from schemas.intent import SeatRef
 from tests import services
-from tests.deployment import BROKERS, deployment
+from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def rabbitmq() -> Iterator[str]:
-    """This module's RabbitMQ vhost (skips on a laptop without RabbitMQ, fails in CI)."""
-    with services.rabbitmq_vhost() as url:
-        yield url
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest, redis_url: str) -> str:
-    return redis_url if request.param == "redis" else str(request.getfixturevalue("rabbitmq"))
 
 
 @pytest.fixture
