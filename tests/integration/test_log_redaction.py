@@ -157,7 +157,7 @@ def test_no_secret_or_buyer_data_in_any_log(redis_url: str, redis_password: tupl
         cluster.sell_at_box_office(SeatRef(id=5, session_id=1001))
         keys = cluster.keys
         env = {**env_for(cluster.settings), "FULFILMENT_LOG_FORMAT": "json"}
-        args = worker_args([keys.continue_queue, keys.task_queue, keys.maintenance_queue],
+        args = worker_args([queue.name for queue in cluster.topology.consumed],
                            f"logs-{prefix}@%h")
         args[args.index("INFO")] = "DEBUG"
         worker = Child(args, tmp_path / "worker.log", env)

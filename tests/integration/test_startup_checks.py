@@ -112,7 +112,7 @@ def test_a_worker_configured_from_files_on_a_redis_with_a_password(
            "FULFILMENT_REDIS_URL_FILE": str(secrets / "redis")}
     cluster = Cluster(settings, onebox, tmp_path)
     child = worker(env, tmp_path / "worker.log",
-                   f"{cluster.keys.continue_queue},{cluster.keys.task_queue}")
+                   ",".join(queue.name for queue in cluster.topology.consumed))
     try:
         # Then it passes the durability and credential checks (a token fetched at start-up)
         assert started(child), child.output()

@@ -76,10 +76,9 @@ def test_the_last_task_says_confirmed_or_failed_in_its_succeeded_event(
     # and a worker with task events on, whose events this process receives
     events = Events()
     try:
-        keys = cluster.keys
         name = f"events-{cluster.settings.key_prefix}"
-        args = [arg for arg in worker_args([keys.continue_queue, keys.task_queue,
-                                            keys.maintenance_queue], f"{name}@%h")
+        args = [arg for arg in worker_args([queue.name for queue in cluster.topology.consumed],
+                                           f"{name}@%h")
                 if arg != "--without-heartbeat"] + ["-E"]
         cluster.workers.append(Child(args, cluster.tmp / "worker.log",
                                      env_for(cluster.settings)))
