@@ -69,22 +69,26 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """A deployment of the scenario's own; the broker is its Redis unless the
     test is parametrized ``rabbitmq`` (``BOTH_BROKERS``)."""
     broker = getattr(request, "param", "redis")
-    with ExitStack() as stack:
-        broker_url = stack.enter_context(rabbitmq_vhost()) if broker == "rabbitmq" else None
-        yield from _chaos_cluster(tmp_path, broker_url)
-
-
-def _chaos_cluster(tmp_path: Path, broker_url: str | None) -> Iterator[Cluster]:
-    require("redis-server", subprocess.run(["which", "redis-server"], capture_output=True,
-                                           check=False).returncode == 0)
-    server = RedisServer(tmp_path / "redis", free_port(), appendfsync=APPENDFSYNC,
-                         simulate_host_crash=True)
     # As in production, a killed worker's purchase is resumed (visibility timeout,
     # or the sweep past stuck_after) well within a basket's life: a worker killed
     # between marking its confirm and sending it leaves a pre-confirmed order,
     # which the resumed run reads and confirms. Resumed after it expired, that
     # order is gone (404: no proof either way) and the intent ends unsettled.
-    sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", "40", "--seed", "7")
+    # Elsewhere a short basket keeps the waits for abandoned baskets short.
+    basket_ttl = 40 if request.node.get_closest_marker("kills_workers") else 20
+    with ExitStack() as stack:
+        broker_url = stack.enter_context(rabbitmq_vhost()) if broker == "rabbitmq" else None
+        yield from _chaos_cluster(tmp_path, broker_url, basket_ttl)
+
+
+def _chaos_cluster(tmp_path: Path, broker_url: str | None,
+                   basket_ttl: int = 20) -> Iterator[Cluster]:
+    require("redis-server", subprocess.run(["which", "redis-server"], capture_output=True,
+                                           check=False).returncode == 0)
+    server = RedisServer(tmp_path / "redis", free_port(), appendfsync=APPENDFSYNC,
+                         simulate_host_crash=True)
+    sandbox = SandboxProcess(tmp_path / "sandbox.log", "--basket-ttl", str(basket_ttl),
+                             "--seed", "7")
     settings = Settings.defaults().with_overrides(
         onebox_api_url=sandbox.url, redis_url=server.url, broker_url=broker_url or server.url,
         key_prefix=unique_prefix("chaos"), onebox_read_timeout=2.0,
@@ -271,6 +275,7 @@ def progress(cluster: Cluster) -> int:
 
 
 @BOTH_BROKERS
+@pytest.mark.kills_workers
 def test_worker_processes_killed_with_sigkill(chaos: Cluster) -> None:
     # Given two workers and the intents on their way
     documents = start(chaos, "kill", 2, 2)
@@ -408,6 +413,7 @@ def held_chunks(client: redis.Redis, cluster: Cluster) -> int:
                client.scan_iter(f"{cluster.keys.intake}:processing:*", count=1000))
 
 
+@pytest.mark.kills_workers
 def test_intake_drainers_killed_with_sigkill(chaos: Cluster) -> None:
     # Given two workers, and plain JSON intents pushed onto the Redis list (a few invalid)
     workers = [chaos.start_worker(concurrency=2) for _ in range(2)]
