@@ -95,6 +95,16 @@ class Reader:
             self.bytes_read += len(line)
             yield line
 
+    def _skip_rest_of_line(self) -> int:
+        """Read past the rest of an over-long line; the bytes skipped."""
+        skipped = 0
+        while chunk := self._stream.readline(1 << 16):
+            skipped += len(chunk)
+            if chunk.endswith(b"\n"):
+                break
+        self.bytes_read += skipped
+        return skipped
+
 
 class JsonlReader(Reader):
     """One intent per line, as JSON; blank lines are skipped.
@@ -115,15 +125,6 @@ class JsonlReader(Reader):
                     f"Line is {size} bytes, more than an intent may be ({MAX_MESSAGE_BYTES})."]})
             elif line.strip():
                 yield Record(number, line)
-
-    def _skip_rest_of_line(self) -> int:
-        skipped = 0
-        while chunk := self._stream.readline(1 << 16):
-            skipped += len(chunk)
-            if chunk.endswith(b"\n"):
-                break
-        self.bytes_read += skipped
-        return skipped
 
 
 class CsvReader(Reader):
@@ -159,15 +160,6 @@ class CsvReader(Reader):
                 yield _Row(self._line, None, text, f"cannot be read as CSV ({exc}){hint}")
                 continue
             yield _Row(self._line, cells, text, "is not valid UTF-8" if undecodable else None)
-
-    def _skip_rest_of_line(self) -> int:
-        skipped = 0
-        while chunk := self._stream.readline(1 << 16):
-            skipped += len(chunk)
-            if chunk.endswith(b"\n"):
-                break
-        self.bytes_read += skipped
-        return skipped
 
     def __iter__(self) -> Iterator[Record]:
         rows = self._rows()
