@@ -176,19 +176,24 @@ def world(ledger_store: LedgerStore) -> Iterator[World]:
     prefix = ledger_store.prefix
     settings = Settings.defaults().with_overrides(key_prefix=prefix)
     client = ledger_store.client  # fakeredis, and a real Redis: the ledger's Lua is Redis's
-    keys = Keys(prefix)
     clock = [NOW]
     onebox = FakeOnebox()
     with Connection("memory://localhost/", transport_options={"polling_interval": 0.01}) as conn:
-        services = Services(
-            settings=settings, client=onebox,  # type: ignore[arg-type]
-            ledger=Ledger(client, keys, 3600, clock=lambda: clock[0]),
-            publisher=ResultPublisher(conn, Topology.for_keys(keys)),
-            leases=Leases(client, keys, 60),
-            policy=RetryPolicy(max_attempts=5, base=1.0, cap=8.0, deadline=900, jitter=False),
-            clock=lambda: clock[0],
-        )
-        yield World(services, onebox, conn, clock)
+        yield World(flow_services(settings, client, onebox, conn, clock), onebox, conn, clock)
+
+
+def flow_services(settings: Settings, client: Any, onebox: FakeOnebox, conn: Connection,
+                  clock: list[float]) -> Services:
+    """The flow's collaborators around a stand-in Onebox, on a clock moved by hand."""
+    keys = Keys(settings.key_prefix)
+    return Services(
+        settings=settings, client=onebox,  # type: ignore[arg-type]
+        ledger=Ledger(client, keys, 3600, clock=lambda: clock[0]),
+        publisher=ResultPublisher(conn, Topology.for_keys(keys)),
+        leases=Leases(client, keys, 60),
+        policy=RetryPolicy(max_attempts=5, base=1.0, cap=8.0, deadline=900, jitter=False),
+        clock=lambda: clock[0],
+    )
 
 
 def test_a_purchase_goes_through_and_publishes_one_confirmed_result(world: World) -> None:

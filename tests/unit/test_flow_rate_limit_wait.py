@@ -20,15 +20,10 @@ from kombu import Connection
 from fulfilment.config import Settings
 from fulfilment.flow import Proceed, RetryIn, Services, Stage, advance
 from fulfilment.keys import Keys
-from fulfilment.lease import Leases
-from fulfilment.ledger import Ledger
 from fulfilment.onebox.guard import US, GuardConfig, OneboxGuard, guarded
-from fulfilment.results import ResultPublisher
-from fulfilment.retry import RetryPolicy
-from fulfilment.topology import Topology
 from schemas.intent import load_intent
 from schemas.onebox import Order
-from tests.unit.test_flow import NOW, FakeOnebox
+from tests.unit.test_flow import NOW, FakeOnebox, flow_services
 
 
 class SoftTimeLimitExceeded(Exception):
@@ -91,13 +86,7 @@ def world() -> Iterator[World]:
     clock = [NOW]
     onebox = GuardedOnebox()
     with Connection("memory://localhost/", transport_options={"polling_interval": 0.01}) as conn:
-        services = Services(
-            settings=settings, client=onebox,  # type: ignore[arg-type]
-            ledger=Ledger(client, keys, 3600, clock=lambda: clock[0]),
-            publisher=ResultPublisher(conn, Topology.for_keys(keys)),
-            leases=Leases(client, keys, 60),
-            policy=RetryPolicy(max_attempts=5, base=1.0, cap=8.0, deadline=900, jitter=False),
-            clock=lambda: clock[0])
+        services = flow_services(settings, client, onebox, conn, clock)
         guard = OneboxGuard(client, keys, "acct",
                             GuardConfig(rate_limit=100, max_wait=10.0, breaker_failures=0),
                             clock=lambda: clock[0])
