@@ -20,7 +20,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from fulfilment import metrics, sessioncap
@@ -33,7 +33,14 @@ from fulfilment.errors import (
     TransientError,
 )
 from fulfilment.lease import Leases
-from fulfilment.ledger import Begun, Entry, LeaseLostError, Ledger, UnknownIntentError
+from fulfilment.ledger import (
+    Begun,
+    Entry,
+    LeaseLostError,
+    Ledger,
+    StopRecordedError,
+    UnknownIntentError,
+)
 from fulfilment.logcontext import bound
 from fulfilment.onebox.auth import AuthRefusedError
 from fulfilment.onebox.client import OneboxClient
@@ -42,11 +49,15 @@ from fulfilment.redact import masking_buyer
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from fulfilment.sessioncap import SessionCap
+from fulfilment.states import state_of
+from schemas import result
 from schemas.intent import NumberedItem
 from schemas.onebox import Order
 from schemas.result import (
+    CANCELLED,
     CONFIRMED,
     FAILED,
+    HELD,
     UNSETTLED,
     OrderResult,
     ResultError,
@@ -81,6 +92,15 @@ DEFAULT_BASKET_TTL = 600.0
 MAX_ORPHANS = 8
 #: Allowance for Onebox's clock and ours disagreeing about an expiry.
 CLOCK_SKEW_MARGIN = 5.0
+#: A hold lapses this long before Onebox's basket would: time for the confirm to land.
+HOLD_MARGIN = 2 * CLOCK_SKEW_MARGIN
+#: Tries to release a stopped purchase's basket before leaving it to expire.
+STOP_RELEASE_TRIES = 3
+#: The outcome of a stop, by what was recorded: the shop's cancel, or a lapsed hold.
+STOPPED = {"cancel": (CANCELLED, "CANCELLED", "cancelled by the shop before a confirm was "
+                                              "sent; nothing was bought"),
+           "expire": (result.EXPIRED, "HOLD_EXPIRED", "the hold lapsed without the shop's confirm; "
+                                               "nothing was bought")}
 
 
 class Stage(enum.IntEnum):
@@ -103,6 +123,14 @@ class Proceed:
 
 
 @dataclass(frozen=True)
+class Held:
+    """Pre-confirmed and held for the shop: the interim ``held`` result is out; nothing
+    more until the shop confirms or cancels, or the hold lapses."""
+
+    result: OrderResult
+
+
+@dataclass(frozen=True)
 class RetryIn:
     """Not now: run this stage again after ``delay`` seconds."""
 
@@ -110,7 +138,7 @@ class RetryIn:
     reason: str
 
 
-Decision = Proceed | RetryIn
+Decision = Proceed | RetryIn | Held
 
 
 class NotFoundYetError(TransientError):
@@ -129,7 +157,8 @@ class OutOfTimeError(TransientError):
     default_code = "HANDED_OVER"
 
 
-__all__ = ["Proceed", "RetryIn", "Services", "Stage", "UnknownIntentError", "advance", "settle"]
+__all__ = ["Held", "Proceed", "RetryIn", "Services", "Stage", "UnknownIntentError", "advance",
+           "settle", "stopped_result"]
 
 
 def _ledgers_clock() -> float:
@@ -204,6 +233,7 @@ class _RunTime:
 
     clock: Callable[[], float]
     until: float
+    reference: str = ""
     #: Set by ``_in_time``: the next call sent is a stage's, bound by the budget.
     armed: bool = False
     #: The session cap's slots for this run (taken before a new basket).
@@ -225,7 +255,7 @@ def _advance_leased(services: Services, entry: Entry, target: Stage) -> Decision
                                 sessioncap.sessions_of(intent)
                                 if intent is not None and services.session_cap else (),
                                 basket_open=entry.order_id is not None and not entry.finished)
-    run = _RunTime(services.clock, until, slots=slots)
+    run = _RunTime(services.clock, until, entry.reference, slots=slots)
     token = _RUN.set(run)
     try:
         with before_send(run.sending), slots:
@@ -236,17 +266,23 @@ def _advance_leased(services: Services, entry: Entry, target: Stage) -> Decision
                            wait=decision.delay if isinstance(decision, RetryIn) else 0.0)
     finally:
         _RUN.reset(token)
+    if isinstance(decision, Held):
+        return Held(_publish_held(services, entry.reference))
     if isinstance(decision, Proceed) and target >= Stage.PUBLISHED:
         return Proceed(_publish(services, entry.reference))
     return decision
 
 
-def _attempt(services: Services, entry: Entry, target: Stage, until: float) -> Decision:
+def _attempt(services: Services, entry: Entry, target: Stage,  # noqa: PLR0911 - one per kind
+             until: float) -> Decision:
     """Run the stages; turn each kind of failure into what happens next."""
     try:
-        _run(services, entry, target, until)
+        if _run(services, entry, target, until):
+            return Held(_held_result(services, _reread(services, entry.reference)))
     except (UnknownIntentError, LeaseLostError):
         raise  # not about the purchase: about this worker's right to work on it
+    except StopRecordedError:
+        return _stop(services, entry.reference)
     except OutOfTimeError as exc:
         log.info("%s; a retry carries on", exc.message)
         return RetryIn(0.0, exc.code)
@@ -290,18 +326,25 @@ def _after_permanent(services: Services, reference: str, exc: PermanentError) ->
     return _fail(services, reference, exc)
 
 
-def _run(services: Services, entry: Entry, target: Stage, until: float) -> None:
+def _run(services: Services, entry: Entry, target: Stage, until: float) -> bool:
+    """The stages up to ``target``; True when the purchase stopped, held for the shop."""
     if entry.finished:
-        return
+        return False
+    if entry.stop and not entry.confirm_sent:
+        raise StopRecordedError(f"stop recorded: {entry.stop}")
     _fill_basket(services, entry, until)
     if target >= Stage.PRE_CONFIRMED:
         _pre_confirm(services, entry.reference, until)
     if target >= Stage.FINISHED:
+        if _hold(services, entry.reference):
+            return True
         _confirm(services, entry.reference, until)
+    return False
 
 
 def _in_time(services: Services, until: float) -> None:
-    """Before each call: stop while a whole call still fits before the soft time limit.
+    """Before each call: stop while a whole call still fits before the soft time limit,
+    and stop for good once the shop's cancel is recorded (every write tells of it).
 
     Checked once more as the call goes out, so a wait for the rate limit counts.
     """
@@ -309,6 +352,9 @@ def _in_time(services: Services, until: float) -> None:
         raise OutOfTimeError("this run's time is up")
     run = _RUN.get()
     if run is not None:
+        stop = services.ledger.get(run.reference) if run.reference else None
+        if stop is not None and stop.stop and not stop.confirm_sent:
+            raise StopRecordedError(f"stop recorded: {stop.stop}")
         run.armed = True
 
 
@@ -397,7 +443,9 @@ def _confirm(services: Services, reference: str, until: float) -> None:
             # As the request goes out (after the token and the rate limit's wait),
             # never after: a worker killed while it waits has sent no confirm. The
             # call restarts the basket's timer, so the expiry is counted from here.
-            ledger.record(reference, confirm_sent=True, basket_expires=services.clock() + ttl)
+            # Refused once the shop's cancel is recorded: then nothing goes out.
+            ledger.record_unless_stopped(reference, confirm_sent=True,
+                                         basket_expires=services.clock() + ttl)
 
         try:
             with before_send(mark_sent):
@@ -410,6 +458,89 @@ def _confirm(services: Services, reference: str, until: float) -> None:
                 ledger.record(reference, confirm_sent=entry.confirm_sent)
             raise
         _finish_confirmed(services, entry, order)
+
+
+# --- held for the shop, and stopped ---------------------------------------------------
+def _hold(services: Services, reference: str) -> bool:
+    """Hold a pre-confirmed order for the shop, if its intent asks; True while held.
+
+    The hold lapses ``HOLD_MARGIN`` before Onebox's basket would expire (its
+    expiry as Onebox last reported it, on Redis's clock), so a confirm asked
+    for just in time still lands. A run that finds its hold lapsed records the
+    stop itself (the beat's scan is the prompt way; this is the sure one).
+    """
+    entry = _reread(services, reference)
+    if not entry.intent.hold or entry.confirm_requested:
+        return False
+    now = services.clock()
+    expires = entry.basket_expires or now + (entry.basket_ttl or DEFAULT_BASKET_TTL)
+    until = max(expires - HOLD_MARGIN, now + (expires - now) / 2)
+    if entry.held_until is None:
+        answer = services.ledger.hold(reference, until, entry.result_batch)
+        if answer == -5:
+            return False  # the shop confirmed meanwhile: go on
+        if answer == -4:
+            raise StopRecordedError("stop recorded before the hold")
+        log.info("order %s held for the shop until %s", entry.code,
+                 datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds"))
+        return True
+    if now > entry.held_until:
+        stop = services.ledger.request_stop(reference, "expire", None, entry.result_batch)
+        if stop == "stopping":
+            raise StopRecordedError("the hold lapsed")
+        return stop != "confirming"
+    services.ledger.hold(reference, entry.held_until, entry.result_batch)  # re-park it
+    return True
+
+
+def _held_result(services: Services, entry: Entry) -> OrderResult:
+    assert entry.held_until is not None
+    return _result(services, entry, HELD, order_code=entry.code,
+                   hold_expires_at=datetime.fromtimestamp(entry.held_until, UTC))
+
+
+def _publish_held(services: Services, reference: str) -> OrderResult:
+    """Put the interim ``held`` result out once (the final one follows, same result_id)."""
+    entry = _reread(services, reference)
+    result = _held_result(services, entry)
+    if not entry.held_published:
+        with bound(step="publish"):
+            services.publisher.publish(result)
+        services.ledger.hold(reference, entry.held_until or 0.0, entry.result_batch,
+                             published=True)
+    return result
+
+
+def _stop(services: Services, reference: str) -> Decision:
+    """The shop's cancel (or a lapsed hold) is recorded: release the basket, then the outcome.
+
+    Released first: a worker dying in between leaves the stop recorded, and the
+    next run releases again (an empty release is harmless) before writing it.
+    A release that does not take is tried ``STOP_RELEASE_TRIES`` times; then
+    the basket is left to expire and the outcome written all the same.
+    """
+    entry = _reread(services, reference)
+    if entry.finished:
+        return Proceed()
+    with bound(step="stop"):
+        released = _release(services, entry, probe=entry.pending is not None)
+        if not released:
+            failures = services.ledger.count_failure(reference)
+            if failures < STOP_RELEASE_TRIES:
+                return RetryIn(services.policy.delay(failures, None), "RELEASE_NOT_DONE")
+            log.warning("basket %s not released: its seats are held until it expires",
+                        entry.order_id)
+        outcome = services.ledger.finish(reference, stopped_result(services, entry))
+        log.info("purchase stopped: %s", outcome.status)
+    return Proceed()
+
+
+def stopped_result(services: Services, entry: Entry) -> OrderResult:
+    """The outcome of a stopped purchase: ``cancelled``, or ``expired`` for a lapsed hold."""
+    status, code, message = STOPPED[entry.stop or "cancel"]
+    error = ResultError(code=code, message=message,
+                        step=state_of(replace(entry, stop=None)).value)
+    return _result(services, entry, status, order_code=entry.code, error=error)
 
 
 def _where_it_stands(services: Services, entry: Entry) -> tuple[Order, bool]:
@@ -886,7 +1017,8 @@ def _item_ids(order: Order) -> list[int]:
 
 
 def _result(services: Services, entry: Entry, status: str, *, order_code: str | None = None,
-            order_id: str | None = None, error: ResultError | None = None) -> OrderResult:
+            order_id: str | None = None, error: ResultError | None = None,
+            hold_expires_at: datetime | None = None) -> OrderResult:
     return OrderResult(
         result_id=result_id_for(entry.reference),
         reference=entry.reference,
@@ -902,6 +1034,7 @@ def _result(services: Services, entry: Entry, status: str, *, order_code: str | 
         # The intent's shop (a settled outcome: the unsettled one's, the intent is gone).
         shop=entry.stored_intent.shop if entry.stored_intent is not None
         else entry.outcome.shop if entry.outcome is not None else None,
+        hold_expires_at=hold_expires_at,
     )
 
 

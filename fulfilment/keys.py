@@ -46,6 +46,11 @@ class Keys:
         """Sorted set: references without a published outcome, scored by last progress."""
         return f"{self.prefix}:ledger:open"
 
+    @property
+    def holds(self) -> str:
+        """Sorted set: held intents, scored by when their hold lapses (Redis's clock)."""
+        return f"{self.prefix}:ledger:holds"
+
     def lease(self, reference: str) -> str:
         """String with expiry: which worker is acting on an intent now."""
         return self.intent_key(reference, "lease")

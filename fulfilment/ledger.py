@@ -56,7 +56,7 @@ import redis
 
 from fulfilment import metrics
 from fulfilment.clock import RedisClock
-from fulfilment.errors import PermanentError, TransientError
+from fulfilment.errors import FulfilmentError, PermanentError, TransientError
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
 from schemas.intent import PurchaseIntent, dump_intent, intent_fingerprint, load_intent
@@ -123,15 +123,26 @@ if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4] then return -2 end
 """
 
 # KEYS: ledger, open set, lease. ARGV: now, retention, reference, lease token or '',
-# field to increment or '', then field/value pairs. Returns the incremented count or 0.
-_RECORD = _GUARD + """
+# field to increment or '', then field/value pairs. Returns {the incremented count or 0,
+# the stop recorded or ''}: every write tells its writer whether the shop asked to stop.
+_RECORD_BODY = """
 if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[3])
-if ARGV[5] ~= '' then return redis.call('HINCRBY', KEYS[1], ARGV[5], 1) end
-return 0
+local count = 0
+if ARGV[5] ~= '' then count = redis.call('HINCRBY', KEYS[1], ARGV[5], 1) end
+return {count, redis.call('HGET', KEYS[1], 'stop') or ''}
 """
+_RECORD = _GUARD + _RECORD_BODY
+
+# The same write, refused (-4) once a stop or an outcome is recorded: how a confirm is
+# marked sent. A cancel is recorded only while no confirm is marked (``_STOP``), so one
+# of the two wins, and nothing is bought after a cancel was acknowledged.
+_RECORD_UNLESS_STOPPED = _GUARD + """
+local stop = redis.call('HGET', KEYS[1], 'stop')
+if (stop and stop ~= '') or redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return -4 end
+""" + _RECORD_BODY
 
 # The scripts that change what a batch counts (finish, settle, publish) take the
 # batch too: KEYS[4..6] the batch's counters, open set and members (absent when
@@ -161,7 +172,8 @@ end
 #: Fields of an entry that an outcome makes useless: the intent (the buyer's data)
 #: and the basket's working notes. Everything else is kept (``KEPT_AFTER_OUTCOME``).
 DROPPED_AT_OUTCOME = ("intent", "pending", "buyer_set", "basket_ttl", "orphans",
-                      "orphan_expires", "failures")
+                      "orphan_expires", "failures", "stop", "confirm_requested", "held_until",
+                      "held_published")
 #: What a finished entry keeps, and who reads it: duplicate detection (fingerprint,
 #: submission); status (those, the times, counts and codes); settle and refunds
 #: (order_id, code, item_ids, basket_expires, confirm_sent); batch status and
@@ -175,6 +187,10 @@ KEPT_AFTER_OUTCOME = ("fingerprint", "submission", "submitted_at", "admitted_at"
 # outcome that stands (ours, or the one written before).
 _FINISH = _BATCH_GUARD + """
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+if batch and redis.call('HEXISTS', KEYS[1], 'outcome') == 0 and
+   redis.call('HEXISTS', KEYS[1], 'held_until') == 1 then
+  redis.call('HINCRBY', KEYS[4], 'held', -1)
+end
 redis.call('HDEL', KEYS[1], """ + ", ".join(f"'{name}'" for name in DROPPED_AT_OUTCOME) + """)
 local existing = redis.call('HGET', KEYS[1], 'outcome')
 if existing then return existing end
@@ -212,6 +228,92 @@ end
 redis.call('HSET', KEYS[1], 'published', '1', 'updated_at', ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[3])
 return 0
+"""
+
+
+# The shop asks to stop (ARGV[6]: 'cancel'), or a hold lapsed ('expire'). KEYS as
+# _FINISH, then the holds set (KEYS[#KEYS]). ARGV[7]: the outcome to write at once when
+# no worker can be acting on the intent (no basket, no call owed, no lease), else ''.
+# Returns 'done:<status>' (an outcome stands), 'too_late' (a confirm was marked sent),
+# 'confirming' (an expiry after the shop's confirm: no stop), 'stopping' (recorded:
+# the worker releases the basket and writes the outcome) or 'finished' (written now,
+# to be published by the caller; the open set's score makes the sweep publish it if
+# the caller dies first).
+_STOP = _BATCH_GUARD + """
+local existing = redis.call('HGET', KEYS[1], 'outcome')
+if existing then return 'done:' .. cjson.decode(existing)['status'] end
+if redis.call('HGET', KEYS[1], 'confirm_sent') == '1' then return 'too_late' end
+if ARGV[6] == 'expire' and redis.call('HGET', KEYS[1], 'confirm_requested') == '1' then
+  return 'confirming'
+end
+local stop = redis.call('HGET', KEYS[1], 'stop')
+if not stop or stop == '' then redis.call('HSET', KEYS[1], 'stop', ARGV[6]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+if ARGV[7] == '' or redis.call('EXISTS', KEYS[3]) == 1 or
+   (redis.call('HGET', KEYS[1], 'order_id') or '') ~= '' or
+   (redis.call('HGET', KEYS[1], 'pending') or '') ~= '' then
+  return 'stopping'
+end
+if batch and redis.call('HEXISTS', KEYS[1], 'held_until') == 1 then
+  redis.call('HINCRBY', KEYS[4], 'held', -1)
+end
+redis.call('HDEL', KEYS[1], """ + ", ".join(f"'{name}'" for name in DROPPED_AT_OUTCOME) + """)
+redis.call('HSET', KEYS[1], 'outcome', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[1], ARGV[3])
+redis.call('ZREM', KEYS[#KEYS], ARGV[3])
+if batch then
+  redis.call('ZREM', KEYS[5], ARGV[3])
+  tally(ARGV[7], 1)
+end
+return 'finished'
+"""
+
+# The shop confirms a hold. KEYS: ledger, open set, lease, holds set. ARGV as _RECORD's
+# first four. On Redis's clock (TIME): a hold past its time is refused, and its stop
+# recorded so it is released at once. Returns 'done:<status>', 'stopped:<stop>',
+# 'too_late' (a confirm is under way), 'not_hold', 'lapsed', or 'accepted' / 'accepted_held'
+# (held already: the caller sends the purchase on; else it goes on by itself).
+_CONFIRM_REQUEST = _GUARD + """
+local existing = redis.call('HGET', KEYS[1], 'outcome')
+if existing then return 'done:' .. cjson.decode(existing)['status'] end
+local stop = redis.call('HGET', KEYS[1], 'stop')
+if stop and stop ~= '' then return 'stopped:' .. stop end
+if redis.call('HGET', KEYS[1], 'confirm_sent') == '1' or
+   redis.call('HGET', KEYS[1], 'confirm_requested') == '1' then return 'too_late' end
+if not cjson.decode(redis.call('HGET', KEYS[1], 'intent'))['hold'] then return 'not_hold' end
+local until_ = tonumber(redis.call('HGET', KEYS[1], 'held_until') or '')
+local t = redis.call('TIME')
+if until_ and tonumber(t[1]) + tonumber(t[2]) / 1e6 > until_ then
+  redis.call('HSET', KEYS[1], 'stop', 'expire', 'updated_at', ARGV[1])
+  return 'lapsed'
+end
+redis.call('HSET', KEYS[1], 'confirm_requested', '1', 'updated_at', ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[3])
+if until_ then return 'accepted_held' end
+return 'accepted'
+"""
+
+# The order is pre-confirmed and held for the shop. KEYS as _FINISH, then the holds set.
+# ARGV[6]: when the hold lapses (Redis's clock), ARGV[7] '1' when the held result went
+# out. The open set's score is that time: the
+# sweep leaves a hold be until then (and resumes it after, which releases it). Returns
+# 1 held (now or before), -4 a stop is recorded, -5 the shop confirmed already (go on).
+_HOLD = _BATCH_GUARD + """
+local stop = redis.call('HGET', KEYS[1], 'stop')
+if (stop and stop ~= '') or redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return -4 end
+if redis.call('HGET', KEYS[1], 'confirm_requested') == '1' then return -5 end
+if ARGV[7] == '1' then redis.call('HSET', KEYS[1], 'held_published', '1') end
+if redis.call('HSETNX', KEYS[1], 'held_until', ARGV[6]) == 1 and batch then
+  redis.call('HINCRBY', KEYS[4], 'held', 1)
+  touch()
+end
+local until_ = redis.call('HGET', KEYS[1], 'held_until')
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', until_, ARGV[3])
+redis.call('ZADD', KEYS[#KEYS], until_, ARGV[3])
+return 1
 """
 
 
@@ -263,6 +365,13 @@ class IntentDroppedError(PermanentError):
     """The intent of a finished entry was asked for: it is dropped with the outcome."""
 
     default_code = "INTENT_DROPPED"
+
+
+class StopRecordedError(FulfilmentError):
+    """A stop (the shop's cancel, a lapsed hold) was recorded: the write that would have
+    let a confirm out is refused, and the flow releases the basket instead."""
+
+    default_code = "STOP_RECORDED"
 
 
 class LeaseLostError(TransientError):
@@ -321,6 +430,14 @@ class Entry:
     batch: str | None = None
     #: When it was admitted, on Redis's clock; None for an entry admitted before it was kept.
     admitted_at: float | None = None
+    #: A stop recorded and not yet carried out: 'cancel' (the shop) or 'expire' (a hold lapsed).
+    stop: str | None = None
+    #: The shop confirmed the hold: the purchase goes on to confirm.
+    confirm_requested: bool = False
+    #: Held for the shop until then (Redis's clock); None: not held.
+    held_until: float | None = None
+    #: The interim ``held`` result went out.
+    held_published: bool = False
     #: The hash's fields as read, for a holder of the lease to keep up to date.
     fields: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -380,6 +497,10 @@ class Ledger:
         self._settle = client.register_script(_SETTLE)
         self._published = client.register_script(_PUBLISHED)
         self._begin = client.register_script(_BEGIN)
+        self._record_unless_stopped = client.register_script(_RECORD_UNLESS_STOPPED)
+        self._stop = client.register_script(_STOP)
+        self._confirm_request = client.register_script(_CONFIRM_REQUEST)
+        self._hold = client.register_script(_HOLD)
 
     @property
     def keys(self) -> Keys:
@@ -460,6 +581,15 @@ class Ledger:
         raw = self.redis.hgetall(self._keys.ledger(reference))
         return self._read(reference, raw) if raw else None
 
+    def get_many(self, references: Sequence[str]) -> list[Entry | None]:
+        """Each reference's entry (None when gone), in one round trip; never from a lease's
+        copy: for a process that acts on many intents it holds no lease on."""
+        pipe = self.redis.pipeline(transaction=False)
+        for reference in references:
+            pipe.hgetall(self._keys.ledger(reference))
+        return [self._read(reference, raw) if raw else None
+                for reference, raw in zip(references, pipe.execute(), strict=True)]
+
     def begin(self, reference: str, lease_key: str, token: str, lease_ttl: float, *,
               done_when_finished: bool) -> tuple[Begun, Entry | None]:
         """Read the entry and, unless there is nothing to do, take its lease: one round trip.
@@ -504,22 +634,102 @@ class Ledger:
             _FENCE.reset(previous)
 
     def record(self, reference: str, **changes: Any) -> None:
-        """Write progress fields (and mark the intent as having progressed now)."""
+        """Write progress fields (and mark the intent as having progressed now).
+
+        The lease holder's copy learns of a stop the shop recorded meanwhile, so the
+        flow sees it at its next step without a read of its own.
+        """
+        self._recorded(self._record, reference, "", changes)
+
+    def record_unless_stopped(self, reference: str, **changes: Any) -> None:
+        """``record``, refused with ``StopRecordedError`` once a stop or an outcome is
+        recorded: a confirm is marked sent with it, so none goes out after a cancel."""
+        self._recorded(self._record_unless_stopped, reference, "", changes)
+
+    def _recorded(self, script: Any, reference: str, counted: str,
+                  changes: Mapping[str, Any]) -> int:
         pairs = _pairs(changes)
-        self._write(self._record, reference, "", *pairs)
-        self._remember(reference, dict(zip(pairs[::2], pairs[1::2], strict=True)))
+        answer = self._write(script, reference, counted, *pairs)
+        if answer == -4:
+            self._remember(reference, {"stop": text(self.redis.hget(
+                self._keys.ledger(reference), "stop") or b"") or "finished"})
+            raise StopRecordedError(f"{reference}: a stop was recorded; nothing sent")
+        count, stop = int(answer[0]), text(answer[1])
+        remembered = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        if counted:
+            remembered[counted] = str(count)
+        self._remember(reference, {**remembered, "stop": stop} if stop else remembered)
+        return count
 
     def count_failure(self, reference: str) -> int:
         """One more failure without progress (progress writes ``failures=0``); the count."""
-        count = int(self._write(self._record, reference, "failures"))
-        self._remember(reference, {"failures": str(count)})
-        return count
+        return self._recorded(self._record, reference, "failures", {})
 
     def count_attempt(self, reference: str) -> int:
         """One more step attempt for this intent; returns the total so far."""
-        count = int(self._write(self._record, reference, "attempts"))
-        self._remember(reference, {"attempts": str(count)})
-        return count
+        return self._recorded(self._record, reference, "attempts", {})
+
+    def request_stop(self, reference: str, kind: str, outcome: OrderResult | None,
+                     batch: str | None) -> str:
+        """Record a stop ('cancel' or 'expire'); see ``_STOP`` for the answers.
+
+        ``outcome``: written at once if no worker can be acting on the intent.
+        """
+        answer = text(self._write_counted(
+            self._stop, reference, batch, kind, _result_json(outcome) if outcome else "",
+            extra=[self._keys.holds]))
+        if answer == "finished" and outcome is not None:
+            metrics.outcome_written(outcome, outcome)
+        return answer
+
+    def request_stops(self, stops: Sequence[tuple[str, tuple[str | None, OrderResult | None]]],
+                      kind: str = "cancel") -> list[str]:
+        """``request_stop`` for many, in one round trip: (reference, (batch as read, outcome
+        to write at once or None)) each; answers in order, 'unknown' for an entry gone."""
+        now = repr(self._clock())
+        pipe = self.redis.pipeline(transaction=False)
+        for reference, (batch, outcome) in stops:
+            keys = [self._keys.ledger(reference), self._keys.open_intents,
+                    self._keys.lease(reference), *(self._batch_keys(batch) if batch else []),
+                    self._keys.holds]
+            self._stop(keys=keys, args=[now, self._retention, reference, "", batch or "", kind,
+                                        _result_json(outcome) if outcome else ""], client=pipe)
+        answers = []
+        for (reference, (_, outcome)), answer in zip(stops, pipe.execute(), strict=True):
+            if answer == -1:
+                answers.append("unknown")
+            elif answer == -3:  # its batch changed since it was read: ask on its own
+                answers.append(self.request_stop(reference, kind, outcome, None))
+            else:
+                answers.append(text(answer))
+                if answers[-1] == "finished" and outcome is not None:
+                    metrics.outcome_written(outcome, outcome)
+        return answers
+
+    def request_confirm(self, reference: str) -> str:
+        """The shop confirms a hold; see ``_CONFIRM_REQUEST`` for the answers."""
+        return text(self._check(reference, self._call(self._confirm_request, reference,
+                                                      [self._keys.holds], ())))
+
+    def hold(self, reference: str, until: float, batch: str | None, *,
+             published: bool = False) -> int:
+        """Record the hold (once: its first time stands), and with ``published`` that its
+        held result went out; 1, or -4 a stop is recorded, -5 the shop confirmed already."""
+        answer = int(self._write_counted(self._hold, reference, batch, repr(until),
+                                         "1" if published else "0", extra=[self._keys.holds]))
+        if answer == 1:
+            held = text(self.redis.hget(self._keys.ledger(reference), "held_until") or b"")
+            self._remember(reference, {"held_until": held or repr(until),
+                                       **({"held_published": "1"} if published else {})})
+        return answer
+
+    def lapsed_holds(self, now: float, limit: int = 500) -> list[str]:
+        """Held references whose hold's time has passed (``now``: Redis's clock)."""
+        found = self.redis.zrangebyscore(self._keys.holds, "-inf", now, start=0, num=limit)
+        return [text(ref) for ref in found]
+
+    def forget_hold(self, reference: str) -> None:
+        self.redis.zrem(self._keys.holds, reference)
 
     def finish(self, reference: str, outcome: OrderResult) -> OrderResult:
         """Write the outcome unless one stands already; return the one that stands."""
@@ -554,7 +764,8 @@ class Ledger:
     def _write(self, script: Any, reference: str, *args: Any) -> Any:
         return self._check(reference, self._call(script, reference, [], args))
 
-    def _write_counted(self, script: Any, reference: str, batch: str | None, *args: Any) -> Any:
+    def _write_counted(self, script: Any, reference: str, batch: str | None, *args: Any,
+                       extra: Sequence[str] = ()) -> Any:
         """A write that changes what the intent's batch counts (see ``_BATCH_GUARD``).
 
         ``batch`` is a guess (the outcome's, or the one read last): the script
@@ -562,7 +773,7 @@ class Ledger:
         entry's own is read and the write made again.
         """
         for _ in range(3):
-            keys = self._batch_keys(batch) if batch else []
+            keys = [*(self._batch_keys(batch) if batch else []), *extra]
             answer = self._call(script, reference, keys, (batch or "", *args))
             if answer != -3:
                 return self._check(reference, answer)
@@ -642,6 +853,10 @@ class Ledger:
             updated_at=float(fields.get("updated_at", 0)),
             batch=fields.get("batch") or None,
             admitted_at=_float(fields.get("admitted_at")),
+            stop=fields.get("stop") or None,
+            confirm_requested=fields.get("confirm_requested") == "1",
+            held_until=_float(fields.get("held_until")),
+            held_published=fields.get("held_published") == "1",
             fields=fields,
         )
 

@@ -32,8 +32,9 @@ Cost per bulk intent, in Redis commands inside the scripts: parking, one
 ``ZREM`` and ``ZCARD``: about 9 commands, and one round trip per intent (the
 worker's top-up) plus one per chunk (the producer's park).
 
-A cancel (later) takes a waiting reference out with ``LREM`` on its shop's
-list; a shop whose list is empty leaves the rotation at its next turn.
+A cancelled reference waiting in a list gets its outcome at once
+(``fulfilment.stops``) and stays in the list: the release drops it when its
+turn comes, without sending it (no ``LREM`` through a long list).
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ return waiting
 
 # KEYS: the rotation, the in-flight set, the open set. ARGV: the ready lists' prefix,
 # the in-flight bound, the most to release now, a finished reference or '', now (the
-# caller's clock: the open set's progress stamps are on it). Takes the finished
-# reference out of flight, then releases while there is room: a shop from the head
-# of the rotation, its oldest reference, the shop back at the tail if it has more.
+# caller's clock: the open set's progress stamps are on it), the ledger keys' head and
+# tail. Takes the finished reference out of flight, then releases while there is room:
+# a shop from the head of the rotation, its oldest reference, the shop back at the tail
+# if it has more.
 _RELEASE = """
 if ARGV[4] ~= '' then redis.call('ZREM', KEYS[2], ARGV[4]) end
 local n = math.min(tonumber(ARGV[2]) - redis.call('ZCARD', KEYS[2]), tonumber(ARGV[3]))
@@ -84,6 +86,10 @@ while #released < n do
   if not shop then break end
   local ready = ARGV[1] .. shop
   local reference = redis.call('LPOP', ready)
+  -- One with an outcome already (cancelled while it waited) is dropped, not sent.
+  while reference and redis.call('HEXISTS', ARGV[6] .. reference .. ARGV[7], 'outcome') == 1 do
+    reference = redis.call('LPOP', ready)
+  end
   if reference then
     redis.call('ZADD', KEYS[2], now, reference)
     redis.call('ZADD', KEYS[3], 'XX', ARGV[5], reference)
@@ -153,17 +159,23 @@ class BulkRelease:
     def release(self, *, finished: str | None = None, limit: int = RELEASE_MAX) -> list[str]:
         """Take ``finished`` out of flight, then up to ``limit`` references fairly, while
         fewer than the bound are in flight: the caller sends them to the broker."""
+        head, tail = self._ledger_key_parts()
         answer = self._release(
             keys=[self.keys.bulk_shops, self.keys.bulk_in_flight, self.keys.open_intents],
             args=[self.keys.bulk_ready_prefix, self.bound, limit, finished or "",
-                  repr(self._clock())])
+                  repr(self._clock()), head, tail])
         return [text(reference) for reference in answer]
 
     def tidy(self, *, look_after: float, drop_after: float, limit: int = 500) -> int:
         """Drop in-flight entries of purchases that ended without their top-up."""
-        head, tail = self.keys.ledger("x").split("{x}")
+        head, tail = self._ledger_key_parts()
         return int(self._tidy(keys=[self.keys.bulk_in_flight],
-                              args=[look_after, drop_after, limit, head + "{", "}" + tail]))
+                              args=[look_after, drop_after, limit, head, tail]))
+
+    def _ledger_key_parts(self) -> tuple[str, str]:
+        """What goes before and after a reference in its ledger key (scripts build it)."""
+        head, tail = self.keys.ledger("x").split("{x}")
+        return head + "{", "}" + tail
 
     def waiting(self) -> Waiting:
         return waiting(self.redis, self.keys)

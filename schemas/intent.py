@@ -35,6 +35,7 @@ from schemas._fields import (
     FullMatch,
     OneOfNested,
     ScalarField,
+    StrictBoolean,
     StrictInteger,
     StrictSchema,
     Text,
@@ -143,6 +144,8 @@ class PurchaseIntent:
     lane: str | None = None
     #: Whose work this is, for fair shares of the bulk capacity; None: the default shop.
     shop: str | None = None
+    #: Stop at pre-confirm, seats held, until the shop confirms or cancels.
+    hold: bool = False
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of this intent: see ``intent_fingerprint``."""
@@ -293,7 +296,7 @@ class IntentSchema(StrictSchema):
 
     model = PurchaseIntent
     json_title = "PurchaseIntent"
-    omit_when_empty = frozenset({"metadata"})
+    omit_when_empty = frozenset({"metadata", "hold"})
 
     reference = reference_field(
         "The producer's idempotency key: one order at most per reference. Sent to Onebox "
@@ -322,6 +325,9 @@ class IntentSchema(StrictSchema):
     shop = reference_field(
         "Whose work this is: the fleet's bulk capacity is shared equally between the shops "
         "with bulk work waiting. Absent: the default shop. Copied into the result.")
+    hold = StrictBoolean(load_default=False, metadata={
+        "description": "Stop at pre-confirm with the seats held: a held result gives the order "
+                       "code and when the hold lapses; the shop confirms or cancels."})
     metadata = metadata_field(
         "Producer data copied into the result: at most 16 keys of 1 to 64 characters, "
         "scalar or null values, at most 2048 bytes as compact JSON.")

@@ -30,7 +30,8 @@ from schemas._fields import (
 )
 
 __all__ = [
-    "CONFIRMED", "FAILED", "RESULT_ID_NAMESPACE", "STATUSES", "UNSETTLED", "OrderResult",
+    "CANCELLED", "CONFIRMED", "EXPIRED", "FAILED", "HELD", "RESULT_ID_NAMESPACE", "STATUSES",
+    "UNSETTLED", "OrderResult",
     "ResultError", "dump_result", "load_result", "result_id_for",
 ]
 
@@ -39,7 +40,13 @@ FAILED = "failed"
 #: A confirm was sent and Onebox could not say, by the deadline, whether it went
 #: through: maybe bought. ``fulfilment settle`` publishes the settled outcome later.
 UNSETTLED = "unsettled"
-STATUSES = (CONFIRMED, FAILED, UNSETTLED)
+#: Stopped by the shop before a confirm was sent; its seats released.
+CANCELLED = "cancelled"
+#: A hold the shop never confirmed: released once its time passed.
+EXPIRED = "expired"
+#: Interim: the seats are held for the shop, which confirms or cancels.
+HELD = "held"
+STATUSES = (CONFIRMED, FAILED, UNSETTLED, CANCELLED, EXPIRED, HELD)
 #: Fixed forever: changing it would change every result_id and break consumers' de-duplication.
 RESULT_ID_NAMESPACE = uuid.UUID("756d0722-8bd1-481a-bd58-a77305cc550a")
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -90,6 +97,8 @@ class OrderResult:
     schema_version: int = 1
     #: The intent's shop, if it named one.
     shop: str | None = None
+    #: ``held`` only: when the hold lapses.
+    hold_expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
         problems = _status_problems(self.status, self.order_code is not None,
@@ -107,6 +116,9 @@ def _status_problems(status: str, has_code: bool, has_error: bool,
     problems: dict[str, list[str]] = {}
     if status not in STATUSES:
         problems["status"] = [f"Must be one of: {', '.join(STATUSES)}."]
+    elif status == HELD:
+        if not has_code:
+            problems["order_code"] = ["Required when status is 'held'."]
     elif status == CONFIRMED:
         if not has_code:
             problems["order_code"] = ["Required when status is 'confirmed'."]
@@ -162,6 +174,7 @@ class OrderResultSchema(StrictSchema):
                        "a settled result with the same result_id follows once it can."})
     batch = reference_field("The intent's batch, if it had one.")
     shop = reference_field("The intent's shop, if it named one.")
+    hold_expires_at = UtcDateTime(metadata={"description": "held: when the hold lapses."})
     order_code = Text(validate=validate.Length(min=1, max=64), metadata={
         "description": "Onebox's order code; present when confirmed, and when unsettled "
                        "once pre-confirmed."})

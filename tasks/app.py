@@ -70,6 +70,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                              "schedule": settings.intake_interval},
             "bulk-release": {"task": "fulfilment.maintenance.release_bulk",
                              "schedule": settings.release_interval},
+            "hold-expiry": {"task": "fulfilment.maintenance.expire_holds",
+                            "schedule": settings.release_interval},
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
@@ -134,7 +136,8 @@ def configure(settings: Settings) -> None:
 
 
 app = FulfilmentCelery("fulfilment",
-                       include=["tasks.purchase", "tasks.maintenance", "tasks.metrics"])
+                       include=["tasks.purchase", "tasks.maintenance", "tasks.metrics",
+                                "tasks.stops"])
 # A bad setting stops `celery` here with one line (exit 78); elsewhere (the
 # `fulfilment` CLI, a producer) it is raised when the app's configuration is read.
 _import_settings = settings_at_import()

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,7 +24,7 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from fulfilment.bulk import BATCH_ID, Reader, Record
-from fulfilment.cli import cli, load_settings
+from fulfilment.cli import batch, cli, load_settings
 from fulfilment.config import Settings, mask_url
 from fulfilment.errors import ConfigError, FulfilmentError
 from fulfilment.keys import Keys
@@ -39,6 +39,7 @@ from fulfilment.producer import (
 from fulfilment.progress import Progress
 from fulfilment.redact import url_has_password
 from fulfilment.results import consume_results
+from fulfilment.stops import Answer
 from fulfilment.topology import Topology
 from schemas.intent import BULK, LANES, LIVE
 from schemas.result import CONFIRMED, OrderResult
@@ -421,6 +422,83 @@ def settle(references: tuple[str, ...]) -> None:
                        f"{outcome.order_code or '?'})")
             open_ones += 1
     if open_ones:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("references", nargs=-1, required=True)
+def cancel(references: tuple[str, ...]) -> None:
+    """Cancel purchases before their confirm is sent: the seats are released, and each
+    one's outcome is 'cancelled'. Once a confirm was sent it is too late: refused, and
+    nothing changes. Asking twice gives the same answer. Exit 1 if any was refused."""
+    from tasks.stops import stops
+
+    _answer_each(lambda: stops().cancel(_references(references)))
+
+
+@cli.command("confirm")
+@click.argument("reference")
+def confirm_hold(reference: str) -> None:
+    """Confirm a held purchase (its intent said "hold": true) once the payment is taken.
+    Refused once the hold lapsed or it was cancelled (exit 1)."""
+    from tasks.stops import stops
+
+    _answer_each(lambda: [stops().confirm(ref) for ref in _references((reference,))])
+
+
+@batch.command("cancel")
+@click.argument("batch_id")
+def batch_cancel(batch_id: str) -> None:
+    """Cancel every intent of a batch that has no outcome yet (as 'fulfilment cancel')."""
+    from tasks.stops import stops
+
+    if not BATCH_ID.fullmatch(batch_id):
+        raise click.BadParameter("a batch id is 1-64 of A-Z a-z 0-9 . _ : -",
+                                 param_hint="BATCH_ID")
+    counts: Counter[str] = Counter()
+
+    def each() -> Iterator[Answer]:
+        for answer in stops().cancel_batch(batch_id):
+            counts["cancelled" if answer.ok else answer.verdict.replace("_", " ")] += 1
+            yield answer
+    try:
+        _answer_each(each, quiet_ok=True)
+    finally:
+        click.echo(f"batch {batch_id}: " + (", ".join(f"{n} {what}" for what, n in
+                                                      sorted(counts.items())) or "nothing open"))
+
+
+def _references(given: Sequence[str]) -> Iterator[str]:
+    """The well-formed references; each bad one is one line on stderr (and exit 1)."""
+    from fulfilment.lookup import REFERENCE, REFERENCE_RULE
+
+    for reference in given:
+        if REFERENCE.fullmatch(reference):
+            yield reference
+        else:
+            click.echo(f"{reference!r}: not a reference ({REFERENCE_RULE})", err=True)
+            _REFUSED.append(reference)
+
+
+_REFUSED: list[str] = []
+
+
+def _answer_each(answers: Callable[[], Iterable[Answer]], *, quiet_ok: bool = False) -> None:
+    """One line per answer (refusals on stderr); exit 1 if any was refused."""
+    from tasks import runtime
+
+    refused = 0
+    try:
+        for answer in answers():
+            if not answer.ok:
+                refused += 1
+            if not (quiet_ok and answer.ok):
+                click.echo(str(answer), err=not answer.ok)
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"cannot reach the ledger at {mask_url(runtime.services().settings.redis_url)}: "
+            f"{type(exc).__name__}") from None
+    if refused or _REFUSED:
         raise SystemExit(1)
 
 

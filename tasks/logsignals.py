@@ -30,7 +30,8 @@ from celery.app.trace import LOG_RECEIVED, LOG_SUCCESS
 #: The periodic tasks whose idle runs are quieted.
 DRAIN_TASK = "fulfilment.maintenance.drain_intake"
 RELEASE_TASK = "fulfilment.maintenance.release_bulk"
-QUIET_WHEN_IDLE = frozenset({DRAIN_TASK, RELEASE_TASK})
+EXPIRE_TASK = "fulfilment.maintenance.expire_holds"
+QUIET_WHEN_IDLE = frozenset({DRAIN_TASK, RELEASE_TASK, EXPIRE_TASK})
 #: ``argsrepr`` of a task called with one reference: ``('shop-42',)``.
 _ONE_REFERENCE = re.compile(r"\(\s*'([A-Za-z0-9._:-]{1,64})',?\s*\)")
 _REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")

@@ -1,4 +1,5 @@
-"""The Python producer API: ``submit``, ``submit_many`` and ``batch_status``.
+"""The Python producer API: ``submit``, ``submit_many`` and ``batch_status``; and the
+shop's ``cancel``, ``cancel_batch`` and ``confirm`` (``tasks.stops``).
 
 Both submits validate with the intent schema and admit to the ledger before
 anything is enqueued; see ``fulfilment.producer`` for what each answer means.
@@ -18,6 +19,10 @@ from fulfilment.batches import BatchStatus
 from fulfilment.producer import CHUNK, Producer, RawIntent, Submission
 from schemas.intent import BULK, LIVE
 from tasks import runtime, tracing
+from tasks.stops import cancel, cancel_batch, confirm
+
+__all__ = ["batch_status", "cancel", "cancel_batch", "confirm", "producer", "submit",
+           "submit_many"]
 
 
 def producer() -> Producer:

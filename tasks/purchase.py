@@ -27,7 +27,7 @@ from celery.signals import task_failure
 from kombu.exceptions import OperationalError
 
 from fulfilment import flow, tracing
-from fulfilment.flow import RetryIn, Stage, UnknownIntentError
+from fulfilment.flow import Held, RetryIn, Stage, UnknownIntentError
 from fulfilment.keys import Keys
 from fulfilment.owed import OwedDispatches
 from fulfilment.release import BulkGate, BulkRelease
@@ -67,6 +67,11 @@ def _advance(task: AnyTask, reference: object, stage: Stage) -> str:
         log.info("retrying %s of %s in %.2fs (%s)", stage.name, reference, decision.delay,
                  decision.reason)
         raise task.retry(countdown=decision.delay, max_retries=None)
+    if isinstance(decision, Held):
+        # Waiting for the shop takes no worker: its bulk slot goes to the next intent.
+        tracing.annotate(status=decision.result.status, order_code=decision.result.order_code)
+        top_up(reference)
+        return summary(decision.result)
     if stage is Stage.PUBLISHED and decision.outcome is not None:
         tracing.annotate(status=decision.outcome.status, order_code=decision.outcome.order_code)
         top_up(reference)

@@ -26,7 +26,7 @@ from fulfilment.results import consume_failures, consume_results
 from fulfilment.topology import Topology, control_names, is_amqp
 from fulfilment.wiring import broker_connection
 from schemas.intent import Buyer, SeatRef
-from schemas.result import OrderResult
+from schemas.result import HELD, OrderResult
 
 
 def env_for(settings: Settings) -> dict[str, str]:
@@ -222,7 +222,10 @@ class Cluster:
         audit = self.sandbox.admin.audit()
         statuses: Counter[str] = Counter()
         for reference in references:
-            outcomes = self.results.get(reference, [])
+            every = self.results.get(reference, [])
+            # A held result is interim: the final one follows, with the same result_id.
+            assert len({o.result_id for o in every}) <= 1, f"{reference}: two result ids"
+            outcomes = [o for o in every if o.status != HELD]
             assert outcomes, f"{reference} has no outcome"
             assert len({o.result_id for o in outcomes}) == 1, f"{reference}: two outcomes"
             assert len({o.status for o in outcomes}) == 1, f"{reference}: conflicting outcomes"

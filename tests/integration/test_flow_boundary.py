@@ -76,6 +76,7 @@ def drive(services: Services, reference: str, clock: Clock, *, runs: int = 30,
         if isinstance(decision, Proceed):
             assert decision.outcome is not None
             return decision.outcome, retries
+        assert isinstance(decision, RetryIn), decision  # these intents do not ask to hold
         retries.append(decision)
         if expire_baskets and decision.reason in {"ORDER_NOT_FOUND", "CONFIRM_UNSETTLED"}:
             clock.advance(TTL / 4)  # the flow's delay is capped short: move on faster
