@@ -17,6 +17,7 @@ import redis
 
 from fulfilment.harness.cluster import Cluster
 from fulfilment.harness.processes import wait_for
+from fulfilment.redis_text import text
 from tests.deployment import deployment
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def ledger_field(cluster: Cluster, reference: str, name: str) -> str | None:
         value = client.hget(cluster.keys.ledger(reference), name)
     finally:
         client.close()
-    return value.decode() if value is not None else None
+    return text(value) if value is not None else None
 
 
 def counter(cluster: Cluster, batch: str, name: str) -> int:
@@ -122,18 +123,18 @@ def test_holds_end_confirmed_cancelled_or_expired_and_cancels_stop_in_time(
         # Given a purchase whose confirm Onebox answers slowly, and one slow at adding seats
         cluster.sandbox.admin.set_faults({"endpoints": {
             "confirm": {"latency_ms": 3000}, "seats_auto": {"latency_ms": 1500}}})
-        sent = submit(intent("late-cancel"))
+        assert submit(intent("late-cancel")).status == "accepted"
         wait_for(lambda: ledger_field(cluster, "late-cancel", "confirm_sent") == "1",
                  timeout=60, what="the confirm sent")
         # When the shop cancels it while the confirm is out
-        too_late = cancel(sent.reference)[0]
+        too_late = cancel("late-cancel")[0]
         # Then it is refused, and the purchase is bought as if nothing was asked
         assert not too_late.ok and "too late, confirm was sent" in too_late.message
-        early = submit(intent("early-cancel"))
+        assert submit(intent("early-cancel")).status == "accepted"
         wait_for(lambda: ledger_field(cluster, "early-cancel", "order_id"), timeout=60,
                  what="the basket opened")
         # And one cancelled while its basket is being filled stops, its seats released
-        assert cancel(early.reference)[0].ok
+        assert cancel("early-cancel")[0].ok
         results = cluster.collect({"late-cancel", "early-cancel"}, timeout=90)
         assert results["late-cancel"].status == "confirmed"
         assert results["early-cancel"].status == "cancelled"
