@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from fulfilment.keys import Keys
+from fulfilment.lookup import HOLD_FIELDS, hold_stage
 from fulfilment.redis_text import text
 from fulfilment.release import Waiting, waiting
 
@@ -32,7 +33,8 @@ class OpenIntent:
 
     reference: str
     admitted_at: float  # epoch seconds
-    stage: str  # queued | basket | pre-confirmed | confirm sent | gone
+    stage: str  # queued | basket | pre-confirmed | held | confirm requested | cancelling |
+    #             expiring | confirm sent | gone
     attempts: int
     updated_at: float | None  # its last progress, epoch seconds
 
@@ -45,6 +47,10 @@ class BatchStatus:
     confirmed: int = 0
     failed: int = 0
     unsettled: int = 0
+    #: Intents held now (a gauge: in progress, waiting for the shop's confirm or cancel).
+    held: int = 0
+    cancelled: int = 0
+    expired: int = 0
     published: int = 0  # outcomes on the results queue
     failed_by_code: dict[str, int] = field(default_factory=dict)
     created_at: float | None = None
@@ -59,11 +65,12 @@ class BatchStatus:
 
     @property
     def outcomes(self) -> int:
-        return self.confirmed + self.failed + self.unsettled
+        return self.confirmed + self.failed + self.unsettled + self.cancelled + self.expired
 
     @property
     def done(self) -> bool:
-        """Every admitted intent has an outcome (unsettled ones wait for an operator)."""
+        """Every admitted intent has an outcome (unsettled ones wait for an operator;
+        held ones are still in progress)."""
         return self.exists and self.in_progress == 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -71,6 +78,7 @@ class BatchStatus:
         return {
             "batch": self.batch, "admitted": self.admitted, "in_progress": self.in_progress,
             "confirmed": self.confirmed, "failed": self.failed, "unsettled": self.unsettled,
+            "held": self.held, "cancelled": self.cancelled, "expired": self.expired,
             "published": self.published, "failed_by_code": dict(self.failed_by_code),
             "created_at": self.created_at, "updated_at": self.updated_at,
             "oldest_open": None if oldest is None else {
@@ -99,6 +107,10 @@ def batch_status(client: redis.Redis, keys: Keys, batch: str) -> BatchStatus:
         confirmed=int(counters.get("confirmed", 0)),
         failed=int(counters.get("failed", 0)),
         unsettled=int(counters.get("unsettled", 0)),
+        # A gauge the ledger moves both ways: never shown below zero.
+        held=max(int(counters.get("held", 0)), 0),
+        cancelled=int(counters.get("cancelled", 0)),
+        expired=int(counters.get("expired", 0)),
         published=int(counters.get("published", 0)),
         failed_by_code=dict(sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0]))),
         created_at=_float(counters.get("created_at")),
@@ -111,14 +123,19 @@ def batch_status(client: redis.Redis, keys: Keys, batch: str) -> BatchStatus:
 
 def _open_intent(client: redis.Redis, keys: Keys, reference: str,
                  admitted_at: float) -> OpenIntent:
-    values = client.hmget(keys.ledger(reference), ["attempts", "order_id", "code",
-                                                   "confirm_sent", "updated_at", "fingerprint"])
+    names = ["attempts", "order_id", "code", "confirm_sent", "updated_at", "fingerprint",
+             *HOLD_FIELDS]
+    fields = {name: text(value) for name, value in
+              zip(names, client.hmget(keys.ledger(reference), names), strict=True)
+              if value is not None}
     attempts, order_id, code, confirm_sent, updated_at, fingerprint = (
-        text(v) if v is not None else None for v in values)
+        fields.get(name) for name in names[:6])
     if fingerprint is None:
         stage = "gone"  # expired or lost: the recovery sweep reports it
     elif confirm_sent == "1":
         stage = "confirm sent"
+    elif held_stage := hold_stage(fields):
+        stage = held_stage
     elif code:
         stage = "pre-confirmed"
     elif order_id or (attempts and attempts != "0"):
@@ -162,13 +179,23 @@ def describe(status: BatchStatus, *, now: float | None = None) -> list[str]:
         f"batch {status.batch}: {status.admitted:,} admitted"
         + (f", first {_ago(now, status.created_at)} ago" if status.created_at else "")
         + (f", last change {_ago(now, status.updated_at)} ago" if status.updated_at else ""),
-        f"  in progress  {status.in_progress:>9,}",
-        f"  confirmed    {status.confirmed:>9,}",
-        f"  failed       {status.failed:>9,}" + (f"  ({failed})" if failed else ""),
-        f"  unsettled    {status.unsettled:>9,}"
-        + ("  (fulfilment settle REF once Onebox can tell)" if status.unsettled else ""),
-        f"  published    {status.published:>9,}  (outcomes on the results queue)",
+        _row("in progress", status.in_progress),
     ]
+    # Holds and stops show only when the batch has some: most batches never do.
+    if status.held:
+        lines.append(_row("  held", status.held, "seats held, waiting for the shop's confirm "
+                                                 "or cancel"))
+    lines += [
+        _row("confirmed", status.confirmed),
+        _row("failed", status.failed, failed),
+        _row("unsettled", status.unsettled,
+             "fulfilment settle REF once Onebox can tell" if status.unsettled else ""),
+    ]
+    if status.cancelled:
+        lines.append(_row("cancelled", status.cancelled, "stopped before a confirm was sent"))
+    if status.expired:
+        lines.append(_row("expired", status.expired, "holds not confirmed in time, released"))
+    lines.append(_row("published", status.published, "outcomes on the results queue"))
     oldest = status.oldest_open
     if oldest is not None:
         line = (f"  oldest open: {oldest.reference}, admitted {_ago(now, oldest.admitted_at)} "
@@ -182,6 +209,10 @@ def describe(status: BatchStatus, *, now: float | None = None) -> list[str]:
         lines.append(f"  bulk lane, all batches: waiting in Redis by shop: {shops}; "
                      f"{bulk.in_flight:,} released, in flight")
     return lines
+
+
+def _row(label: str, count: int, note: str = "") -> str:
+    return f"  {label:<13}{count:>9,}" + (f"  ({note})" if note else "")
 
 
 def _ago(now: float, then: float | None) -> str:

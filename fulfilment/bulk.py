@@ -10,6 +10,7 @@ CSV columns (a header row names them; any order; an empty cell is an absent
 field; a column not listed here is refused before anything is submitted):
 
 - ``reference`` (required), ``batch``, ``delivery_method``;
+- ``hold``: ``true`` or ``false`` (any case; empty is false), the intent's ``hold``;
 - ``buyer_email``, ``buyer_name``, ``buyer_surname``, ``buyer_phone``, and
   ``buyer_<field>`` for any other buyer field (``buyer_document_id``);
 - ``metadata_<key>``: a metadata entry with a text value;
@@ -47,8 +48,11 @@ from fulfilment.errors import FulfilmentError
 from schemas.intent import MAX_MESSAGE_BYTES
 
 #: Columns of one intent (given once per intent) and of one item (one per row).
-INTENT_COLUMNS = ("reference", "batch", "delivery_method", "buyer_email", "buyer_name",
+INTENT_COLUMNS = ("reference", "batch", "delivery_method", "hold", "buyer_email", "buyer_name",
                   "buyer_surname", "buyer_phone")
+#: How a CSV cell spells the intent's booleans (any case); other text goes to the contract,
+#: which refuses it as not a boolean.
+_FLAGS = {"true": True, "false": False}
 ITEM_COLUMNS = ("session_id", "price_type_id", "quantity", "rate_id", "seats")
 ID_COLUMNS = ("session_id", "price_type_id", "quantity", "rate_id")
 #: More items than this are refused by the contract; a reader keeps no more in memory.
@@ -333,6 +337,8 @@ class _Group:
                 buyer[extra.group(2)] = value
             elif extra:
                 metadata[extra.group(2)] = value
+            elif name == "hold":
+                intent[name] = _FLAGS.get(value.lower(), value)
             else:
                 intent[name] = value
         intent["items"] = self.items

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC
 from typing import IO, Any
 
 import click
@@ -21,7 +22,15 @@ from fulfilment.keys import Keys
 from fulfilment.logcontext import configure_logging
 from fulfilment.sandbox.command import sandbox
 from fulfilment.topology import Topology
-from schemas.result import dump_result
+from schemas.result import (
+    CANCELLED,
+    CONFIRMED,
+    EXPIRED,
+    HELD,
+    UNSETTLED,
+    OrderResult,
+    dump_result,
+)
 
 
 def load_settings() -> Settings:
@@ -91,16 +100,7 @@ def results(jsonl: IO[str] | None, count: int | None, idle_timeout: float | None
             for result in consume_results(connection, topology, idle_timeout=idle_timeout,
                                           limit=count):
                 line = json.dumps(dump_result(result), sort_keys=True)
-                if result.status == "confirmed":
-                    summary = f"{result.reference}: confirmed, order code {result.order_code}"
-                else:
-                    error = result.error
-                    summary = f"{result.reference}: {result.status}, " \
-                              f"{error.code if error else '?'}"
-                    if result.status == "unsettled":
-                        summary += f" (order code {result.order_code or '?'}: " \
-                                   f"fulfilment settle {result.reference})"
-                _emit(jsonl, line, summary)
+                _emit(jsonl, line, describe_result(result))
                 seen += 1
     click.echo(f"{seen} message(s) read", err=True)
 
@@ -187,6 +187,25 @@ def status(references: tuple[str, ...], as_json: bool) -> None:
         client.close()
     if unknown:
         raise SystemExit(1)
+
+
+def describe_result(result: OrderResult) -> str:
+    """A result for people, one line: what it means and what to do next, if anything."""
+    head = f"{result.reference}: {result.status}"
+    code = result.order_code or "?"
+    if result.status == CONFIRMED:
+        return f"{head}, order code {code}"
+    if result.status == HELD:
+        until = result.hold_expires_at
+        when = until.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") \
+            if until else "?"
+        return f"{head}, order code {code} until {when} (confirm or cancel it by then)"
+    line = f"{head}, {result.error.code if result.error else '?'}"
+    if result.status == UNSETTLED:
+        line += f" (order code {code}: fulfilment settle {result.reference})"
+    elif result.order_code and result.status in (CANCELLED, EXPIRED):
+        line += f" (order code {code}, not bought)"
+    return line
 
 
 def describe_failure(failure: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,14 +25,16 @@ from marshmallow import ValidationError
 
 from fulfilment.keys import Keys
 from fulfilment.redis_text import text
-from schemas.result import load_result
+from schemas.result import HELD, UNSETTLED, load_result
 
 #: A reference is spelled as the contract says; anything else cannot be in the ledger.
 REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 REFERENCE_RULE = "1-64 of A-Z a-z 0-9 . _ : -"
+#: The ledger's fields of a hold and of a stop asked for (``fulfilment.ledger``).
+HOLD_FIELDS = ("held_until", "held_published", "stop", "confirm_requested")
 _FIELDS = ("fingerprint", "submitted_at", "admitted_at", "updated_at", "order_id", "code",
            "items_done", "pending", "buyer_set", "confirm_sent", "baskets", "attempts",
-           "outcome", "published", "batch")
+           "outcome", "published", "batch", *HOLD_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,9 @@ class IntentStatus:
 
     reference: str
     found: bool
-    state: str | None = None  # queued | basket | pre-confirmed | confirm sent | an outcome
+    #: queued | basket | pre-confirmed | held | confirm requested | cancelling | expiring |
+    #: confirm sent | an outcome
+    state: str | None = None
     step: str | None = None  # the step it is at, or last went through
     order_id: str | None = None
     order_code: str | None = None
@@ -52,7 +57,9 @@ class IntentStatus:
     admitted_at: str | None = None  # Redis's clock at admission
     updated_at: str | None = None
     finished_at: str | None = None
-    outcome: str | None = None  # confirmed | failed | unsettled, once there is one
+    outcome: str | None = None  # a result status, once there is one
+    held_until: str | None = None  # when a hold lapses unless confirmed (Redis's clock)
+    held_published: bool = False  # the interim held result went out
     error_code: str | None = None
     error_step: str | None = None
     published: bool = False
@@ -91,6 +98,8 @@ def intent_status(client: redis.Redis, keys: Keys, reference: str) -> IntentStat
         admitted_at=_iso(fields.get("admitted_at")),
         updated_at=_iso(fields.get("updated_at")),
         published=fields.get("published") == "1",
+        held_until=_iso(fields.get("held_until")),
+        held_published=fields.get("held_published") == "1",
         running=bool(lease),
         read_at=read_at,
     )
@@ -108,6 +117,7 @@ def _finished(status: IntentStatus, raw: str) -> IntentStatus:
         return _replace(status, state="unreadable outcome", step=None,
                         problem="its outcome does not load as an order result")
     error = result.error
+    held = result.status == HELD
     return _replace(
         status, state=result.status, outcome=result.status,
         step="published" if status.published else "publish",
@@ -115,14 +125,17 @@ def _finished(status: IntentStatus, raw: str) -> IntentStatus:
         order_id=result.order_id or status.order_id,
         finished_at=_iso_datetime(result.finished_at),
         error_code=error.code if error else None,
-        error_step=error.step if error else None)
+        error_step=error.step if error else None,
+        held_until=_iso_datetime(result.hold_expires_at) if held else status.held_until,
+        held_published=status.held_published or (held and status.published))
 
 
 def _progress(fields: dict[str, str]) -> tuple[str, str]:
     """(state, step) of an intent without an outcome, as the flow records it."""
     pending = fields.get("pending") or None
-    if fields.get("confirm_sent") == "1":
-        return "confirm sent", "confirm"
+    stage = "confirm sent" if fields.get("confirm_sent") == "1" else hold_stage(fields)
+    if stage:
+        return stage, _HOLD_STEP[stage]
     if fields.get("code"):
         return "pre-confirmed", "confirm"
     if fields.get("buyer_set") == "1":
@@ -132,6 +145,29 @@ def _progress(fields: dict[str, str]) -> tuple[str, str]:
     if _int(fields.get("attempts")):
         return "basket", pending or "create"
     return "queued", "basket"
+
+
+#: The step of each state past the basket (the confirm, or the stop asked for).
+_HOLD_STEP = {"confirm sent": "confirm", "cancelling": "cancel", "expiring": "expire",
+              "confirm requested": "confirm", "held": "confirm"}
+
+
+def hold_stage(fields: Mapping[str, str]) -> str | None:
+    """How far a held or stopped purchase is, before any confirm was sent; None: neither.
+
+    ``fields`` are ledger fields, ``HOLD_FIELDS`` and ``code`` among them. A stop
+    asked for wins over a hold (no confirm can be sent once it is set).
+    """
+    stop = fields.get("stop")
+    if stop == "cancel":
+        return "cancelling"
+    if stop == "expire":
+        return "expiring"
+    if fields.get("confirm_requested") == "1":
+        return "confirm requested"
+    if fields.get("held_until") and fields.get("code"):
+        return "held"
+    return None
 
 
 def describe(status: IntentStatus, *, now: datetime | None = None) -> list[str]:
@@ -162,7 +198,11 @@ def describe(status: IntentStatus, *, now: datetime | None = None) -> list[str]:
     if status.error_code:
         where = f" at {status.error_step}" if status.error_step else ""
         lines.append(f"  error       {status.error_code}{where}")
-    if status.outcome == "unsettled":
+    if status.held_until and status.state in ("held", "confirm requested"):
+        went_out = "published" if status.held_published else "not yet published"
+        lines.append(f"  held until  {status.held_until}{_until(now, status.held_until)}, "
+                     f"held result {went_out}")
+    if status.outcome == UNSETTLED:
         lines.append(f"  settle with fulfilment settle {status.reference}")
     if status.problem:
         lines.append(f"  problem     {status.problem}")
@@ -211,13 +251,25 @@ def _datetime(moment: str | None) -> datetime | None:
         return None
 
 
+def _until(now: datetime, moment: str) -> str:
+    """" (in 9m)", or " (lapsed 2m ago)" once past."""
+    then = _datetime(moment)
+    if then is None:
+        return ""
+    seconds = int((then - now).total_seconds())
+    return f" (in {_span(seconds)})" if seconds > 0 else f" (lapsed {_span(-seconds)} ago)"
+
+
 def _ago(now: datetime, moment: str) -> str:
     then = _datetime(moment)
     if then is None:
         return ""
-    seconds = max(int((now - then).total_seconds()), 0)
+    return f" ({_span(max(int((now - then).total_seconds()), 0))} ago)"
+
+
+def _span(seconds: int) -> str:
     if seconds < 120:
-        return f" ({seconds}s ago)"
+        return f"{seconds}s"
     if seconds < 7200:
-        return f" ({seconds // 60}m ago)"
-    return f" ({seconds // 3600}h{seconds % 3600 // 60:02d}m ago)"
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

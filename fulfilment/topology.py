@@ -1,8 +1,10 @@
 """The messaging topology, declared once: exchanges, queues and routing keys.
 
-Results go to a durable topic exchange with routing key ``result.confirmed`` or
-``result.failed``; the results queue takes both (``result.#``), and a consumer
-that only wants failures binds its own queue to ``result.failed``. Messages
+Results go to a durable topic exchange with routing key ``result.<status>``
+(``result.confirmed``, ``result.failed``, ``result.unsettled``, ``result.held``,
+``result.cancelled``, ``result.expired``); the results queue takes them all
+(``result.#``), and a consumer that only wants some binds its own queue to
+those keys (failures: ``result.failed``; holds to confirm: ``result.held``). Messages
 that could not be taken in at all (invalid payloads found on a queue) go to the
 failures queue with their reason.
 
@@ -32,8 +34,9 @@ from kombu import Exchange, Queue
 
 from fulfilment.keys import Keys
 
-CONFIRMED_KEY = "result.confirmed"
-FAILED_KEY = "result.failed"
+RESULT_KEY_PREFIX = "result."
+CONFIRMED_KEY = f"{RESULT_KEY_PREFIX}confirmed"
+FAILED_KEY = f"{RESULT_KEY_PREFIX}failed"
 FAILURE_KEY = "failure"
 #: The queue type of every queue of ours on RabbitMQ (``x-queue-type``).
 QUORUM = {"x-queue-type": "quorum"}
@@ -102,7 +105,8 @@ class Topology:
 
 
 def routing_key_for(status: str) -> str:
-    return CONFIRMED_KEY if status == "confirmed" else FAILED_KEY
+    """``result.<status>``: a consumer binds to exactly the outcomes it wants."""
+    return f"{RESULT_KEY_PREFIX}{status}"
 
 
 def control_names(prefix: str) -> dict[str, str]:

@@ -32,21 +32,30 @@ from schemas.onebox import (
     load_token,
 )
 from schemas.result import (
+    CANCELLED,
     CONFIRMED,
+    EXPIRED,
     FAILED,
+    HELD,
+    UNSETTLED,
     OrderResult,
     ResultError,
     dump_result,
+    is_interim,
     load_result,
     result_id_for,
 )
 
 __all__ = [
+    "CANCELLED",
     "CONFIRMED",
     "DEFAULT_MAX_QUANTITY",
+    "EXPIRED",
     "FAILED",
+    "HELD",
     "MAX_MESSAGE_BYTES",
     "ORDER_STATUSES",
+    "UNSETTLED",
     "AccessToken",
     "ApiError",
     "AutoItem",
@@ -63,6 +72,7 @@ __all__ = [
     "canonical_json",
     "dump_intent",
     "dump_result",
+    "is_interim",
     "load_api_error",
     "load_intent",
     "load_order",

@@ -144,7 +144,7 @@ class PurchaseIntent:
     lane: str | None = None
     #: Whose work this is, for fair shares of the bulk capacity; None: the default shop.
     shop: str | None = None
-    #: Stop at pre-confirm, seats held, until the shop confirms or cancels.
+    #: Stop once pre-confirmed: publish a ``held`` result and wait for the shop's confirm.
     hold: bool = False
 
     def fingerprint(self) -> str:
@@ -296,6 +296,8 @@ class IntentSchema(StrictSchema):
 
     model = PurchaseIntent
     json_title = "PurchaseIntent"
+    # ``hold`` false is left out, so every intent written before it existed keeps its
+    # dump, and with it its fingerprint.
     omit_when_empty = frozenset({"metadata", "hold"})
 
     reference = reference_field(
@@ -326,8 +328,11 @@ class IntentSchema(StrictSchema):
         "Whose work this is: the fleet's bulk capacity is shared equally between the shops "
         "with bulk work waiting. Absent: the default shop. Copied into the result.")
     hold = StrictBoolean(load_default=False, metadata={
-        "description": "Stop at pre-confirm with the seats held: a held result gives the order "
-                       "code and when the hold lapses; the shop confirms or cancels."})
+        "description": "true: stop once the seats are held and the order pre-confirmed, "
+                       "publish a 'held' result (the order code and hold_expires_at) and "
+                       "wait for the shop to confirm or cancel; a hold not confirmed by "
+                       "hold_expires_at is released ('expired'). false or absent: bought "
+                       "straight through. Part of the fingerprint when true."})
     metadata = metadata_field(
         "Producer data copied into the result: at most 16 keys of 1 to 64 characters, "
         "scalar or null values, at most 2048 bytes as compact JSON.")
@@ -384,7 +389,9 @@ def intent_fingerprint(document: Mapping[str, Any]) -> str:
     intent travels, not what is bought (a checkout retried as a file line is
     the same purchase). The ``shop`` is kept: a reference another shop used
     for the same seats is someone else's order, a conflict to report, never
-    a duplicate silently taken as the first shop's.
+    a duplicate silently taken as the first shop's. So is ``hold`` when true
+    (a held purchase is another purchase than one bought straight through);
+    false is not dumped, so intents from before ``hold`` keep their fingerprint.
     """
     return hashlib.sha256(canonical_json(
         {key: value for key, value in document.items()

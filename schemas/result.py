@@ -1,8 +1,10 @@
 """The order result: what the worker publishes once an intent is settled.
 
-Exactly one result per intent reaches consumers' hands in the end, but a
+Exactly one final result per intent reaches consumers' hands in the end, but a
 broker may deliver it more than once; ``result_id`` is the same for every copy
 (it is derived from the reference alone), so consumers de-duplicate on it.
+An interim result (``held``, ``unsettled``: ``is_interim``) may come first,
+with the same ``result_id``: the final one replaces it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from schemas._fields import (
 )
 
 __all__ = [
-    "CANCELLED", "CONFIRMED", "EXPIRED", "FAILED", "HELD", "RESULT_ID_NAMESPACE", "STATUSES",
-    "UNSETTLED", "OrderResult",
-    "ResultError", "dump_result", "load_result", "result_id_for",
+    "CANCELLED", "CANCELLED_CODE", "CONFIRMED", "EXPIRED", "FAILED", "FINAL_STATUSES", "HELD",
+    "HOLD_EXPIRED_CODE", "INTERIM_STATUSES", "RESULT_ID_NAMESPACE", "STATUSES", "UNSETTLED",
+    "OrderResult", "ResultError", "dump_result", "is_interim", "load_result", "result_id_for",
 ]
 
 CONFIRMED = "confirmed"
@@ -40,16 +42,29 @@ FAILED = "failed"
 #: A confirm was sent and Onebox could not say, by the deadline, whether it went
 #: through: maybe bought. ``fulfilment settle`` publishes the settled outcome later.
 UNSETTLED = "unsettled"
-#: Stopped by the shop before a confirm was sent; its seats released.
-CANCELLED = "cancelled"
-#: A hold the shop never confirmed: released once its time passed.
-EXPIRED = "expired"
-#: Interim: the seats are held for the shop, which confirms or cancels.
+#: An intent with ``hold``: seats held and pre-confirmed until ``hold_expires_at``;
+#: the shop's confirm or cancel, or the hold lapsing, gives the final outcome.
 HELD = "held"
-STATUSES = (CONFIRMED, FAILED, UNSETTLED, CANCELLED, EXPIRED, HELD)
+#: Stopped by a cancel before any confirm was sent: nothing bought.
+CANCELLED = "cancelled"
+#: A hold that lapsed without a confirm: its seats were released, nothing bought.
+EXPIRED = "expired"
+STATUSES = (CONFIRMED, FAILED, UNSETTLED, HELD, CANCELLED, EXPIRED)
+#: Followed by another result with the same result_id; the others are final.
+INTERIM_STATUSES = (HELD, UNSETTLED)
+FINAL_STATUSES = (CONFIRMED, FAILED, CANCELLED, EXPIRED)
+#: The error code a cancelled or an expired result carries, always.
+CANCELLED_CODE = "CANCELLED"
+HOLD_EXPIRED_CODE = "HOLD_EXPIRED"
+_CODE_OF = {CANCELLED: CANCELLED_CODE, EXPIRED: HOLD_EXPIRED_CODE}
 #: Fixed forever: changing it would change every result_id and break consumers' de-duplication.
 RESULT_ID_NAMESPACE = uuid.UUID("756d0722-8bd1-481a-bd58-a77305cc550a")
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def is_interim(status: str) -> bool:
+    """Will another result with the same result_id follow this one (held, unsettled)?"""
+    return status in INTERIM_STATUSES
 
 
 def result_id_for(reference: str) -> str:
@@ -97,39 +112,63 @@ class OrderResult:
     schema_version: int = 1
     #: The intent's shop, if it named one.
     shop: str | None = None
-    #: ``held`` only: when the hold lapses.
+    #: Only when held: when the hold lapses (Redis's clock) unless the shop confirms.
     hold_expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        problems = _status_problems(self.status, self.order_code is not None,
-                                    self.error is not None, self.order_id is not None)
-        for moment in (self.submitted_at, self.finished_at):
+        problems = _status_problems(
+            self.status, has_code=self.order_code is not None,
+            has_order_id=self.order_id is not None,
+            error_code=None if self.error is None else self.error.code,
+            has_hold_expiry=self.hold_expires_at is not None)
+        for moment in (self.submitted_at, self.finished_at, self.hold_expires_at):
             if moment is not None and moment.utcoffset() is None:
-                problems["time"] = ["submitted_at and finished_at must be timezone-aware."]
+                problems["time"] = ["submitted_at, finished_at and hold_expires_at must be "
+                                    "timezone-aware."]
         if problems:
             raise ValueError(f"inconsistent OrderResult: {problems}")
 
 
-def _status_problems(status: str, has_code: bool, has_error: bool,
-                     has_order_id: bool) -> dict[str, list[str]]:
-    """What contradicts the status; shared by the schema and the dataclass."""
-    problems: dict[str, list[str]] = {}
+def _status_problems(status: str, *, has_code: bool, has_order_id: bool,
+                     error_code: str | None, has_hold_expiry: bool) -> dict[str, Any]:
+    """What contradicts the status; shared by the schema and the dataclass.
+
+    ``error_code`` is None when there is no error. The JSON Schema says the same
+    in ``OrderResultSchema.json_extra``: change both together.
+    """
+    problems: dict[str, Any] = {}
     if status not in STATUSES:
         problems["status"] = [f"Must be one of: {', '.join(STATUSES)}."]
-    elif status == HELD:
+        return problems
+    if status in (CONFIRMED, HELD):
         if not has_code:
-            problems["order_code"] = ["Required when status is 'held'."]
-    elif status == CONFIRMED:
-        if not has_code:
-            problems["order_code"] = ["Required when status is 'confirmed'."]
-        if has_error:
-            problems["error"] = ["Must be absent when status is 'confirmed'."]
-    elif not has_error:
+            problems["order_code"] = [f"Required when status is '{status}'."]
+        if error_code is not None:
+            problems["error"] = [f"Must be absent when status is '{status}'."]
+    elif error_code is None:
         problems["error"] = [f"Required when status is '{status}'."]
+    elif status in _CODE_OF and error_code != _CODE_OF[status]:
+        problems["error"] = {"code": [f"Must be {_CODE_OF[status]} when status is "
+                                      f"'{status}'."]}
+    if status == EXPIRED and not has_code:
+        problems["order_code"] = ["Required when status is 'expired'."]
     if status == UNSETTLED and not (has_code or has_order_id):
         problems["order_code"] = ["order_code or order_id is required when status is "
                                   "'unsettled'."]
+    if status == HELD and not has_hold_expiry:
+        problems["hold_expires_at"] = ["Required when status is 'held'."]
+    elif status != HELD and has_hold_expiry:
+        problems["hold_expires_at"] = ["Must be absent unless status is 'held'."]
     return problems
+
+
+def _when(status: str) -> dict[str, Any]:
+    """JSON Schema ``if``: the document has this status."""
+    return {"properties": {"status": {"const": status}}, "required": ["status"]}
+
+
+def _error_code_is(code: str) -> dict[str, Any]:
+    return {"properties": {"error": {"properties": {"code": {"const": code}}}}}
 
 
 class ResultErrorSchema(StrictSchema):
@@ -153,14 +192,21 @@ class OrderResultSchema(StrictSchema):
     model = OrderResult
     json_title = "OrderResult"
     omit_when_empty = frozenset({"metadata"})
+    # The rules of ``_status_problems``, for producers and consumers in other languages.
     json_extra: ClassVar[Mapping[str, Any]] = {"allOf": [
-        {"if": {"properties": {"status": {"const": CONFIRMED}}, "required": ["status"]},
+        {"if": _when(CONFIRMED),
          "then": {"required": ["order_code"], "not": {"required": ["error"]}}},
-        {"if": {"properties": {"status": {"const": FAILED}}, "required": ["status"]},
-         "then": {"required": ["error"]}},
-        {"if": {"properties": {"status": {"const": UNSETTLED}}, "required": ["status"]},
+        {"if": _when(FAILED), "then": {"required": ["error"]}},
+        {"if": _when(UNSETTLED),
          "then": {"required": ["error"],
                   "anyOf": [{"required": ["order_code"]}, {"required": ["order_id"]}]}},
+        {"if": _when(HELD),
+         "then": {"required": ["order_code", "hold_expires_at"], "not": {"required": ["error"]}},
+         "else": {"not": {"required": ["hold_expires_at"]}}},
+        {"if": _when(CANCELLED),
+         "then": {"required": ["error"], **_error_code_is(CANCELLED_CODE)}},
+        {"if": _when(EXPIRED),
+         "then": {"required": ["error", "order_code"], **_error_code_is(HOLD_EXPIRED_CODE)}},
     ]}
 
     result_id = Text(required=True, validate=FullMatch(UUID_PATTERN, "Not a lower-case UUID."),
@@ -171,29 +217,42 @@ class OrderResultSchema(StrictSchema):
         "description": "confirmed: the order is bought. failed: nothing was bought. "
                        "unsettled: a confirm was sent and Onebox could not tell by the "
                        "deadline whether it went through (maybe bought: see order_code); "
-                       "a settled result with the same result_id follows once it can."})
+                       "a settled result with the same result_id follows once it can. "
+                       "held (an intent with hold): the seats are held and the order "
+                       "pre-confirmed until hold_expires_at; the final result, with the same "
+                       "result_id, follows the shop's confirm or cancel, or the hold lapsing. "
+                       "cancelled: stopped by a cancel before any confirm was sent; nothing "
+                       "bought. expired: a hold lapsed without a confirm; its seats were "
+                       "released, nothing bought."})
     batch = reference_field("The intent's batch, if it had one.")
     shop = reference_field("The intent's shop, if it named one.")
-    hold_expires_at = UtcDateTime(metadata={"description": "held: when the hold lapses."})
     order_code = Text(validate=validate.Length(min=1, max=64), metadata={
-        "description": "Onebox's order code; present when confirmed, and when unsettled "
-                       "once pre-confirmed."})
+        "description": "Onebox's order code; present when confirmed, held or expired, and "
+                       "when unsettled or cancelled once pre-confirmed."})
     order_id = Text(validate=validate.Length(min=1, max=64), metadata={
         "description": "Onebox's order id, when an order was created."})
     error = fields.Nested(ResultErrorSchema, metadata={
-        "description": "Why the intent failed, or why it is unsettled; present exactly "
-                       "when status is failed or unsettled."})
+        "description": "Why the intent failed, is unsettled, was cancelled (code "
+                       f"{CANCELLED_CODE}) or expired (code {HOLD_EXPIRED_CODE}); present "
+                       "exactly when status is failed, unsettled, cancelled or expired."})
     attempts = StrictInteger(load_default=1, validate=validate.Range(min=1), metadata={
         "description": "How many task runs the purchase took (one or more per stage)."})
     submitted_at = UtcDateTime(metadata={"description": "When the intent was first admitted."})
     finished_at = UtcDateTime(metadata={"description": "When the outcome was settled."})
+    hold_expires_at = UtcDateTime(metadata={
+        "description": "Only when held, and then present: when the hold lapses (the worker's "
+                       "Redis clock) unless the shop confirms it first; an expired result "
+                       "follows."})
     metadata = metadata_field("The intent's metadata, copied unchanged.")
     schema_version = schema_version_field()
 
     @validates_schema
     def _consistent(self, data: dict[str, Any], **kwargs: Any) -> None:
-        problems = _status_problems(data["status"], "order_code" in data, "error" in data,
-                                    "order_id" in data)
+        error = data.get("error")
+        problems = _status_problems(
+            data["status"], has_code="order_code" in data, has_order_id="order_id" in data,
+            error_code=None if error is None else error.code,
+            has_hold_expiry="hold_expires_at" in data)
         if problems:
             raise ValidationError(problems)
 

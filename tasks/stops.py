@@ -9,11 +9,12 @@ from collections.abc import Iterator, Sequence
 from fulfilment.stops import Answer, Stops
 from tasks import runtime
 from tasks.app import app
-from tasks.purchase import confirm as continue_purchase
 
 
 def send_on(references: Sequence[str]) -> None:
     """Bring each intent to its outcome now (a retry's backoff may be long)."""
+    from tasks.purchase import confirm as continue_purchase  # the app configured by now
+
     for reference in references:
         continue_purchase.si(reference).apply_async()
 

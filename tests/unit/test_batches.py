@@ -182,3 +182,49 @@ def test_an_unknown_batch_has_no_status(ledger: Ledger) -> None:
     status = batch_status(ledger.redis, KEYS, "nope")
     assert not status.exists and not status.done
     assert describe(status) == ["batch nope: no intent admitted (unknown batch, or expired)"]
+
+
+def test_held_cancelled_and_expired_are_counted_and_shown_when_there_are_some(
+        ledger: Ledger) -> None:
+    # Given five intents of batch b2: one held (the ledger's gauge +1, its entry held),
+    # one cancelled, one expired, one confirmed, one still queued
+    ledger.admit_many([load_intent(intent(f"h-{i}", batch="b2", hold=True)) for i in range(5)])
+    ledger.record("h-0", order_id="o-0", items_done=1, buyer_set=True, code="AX0")
+    ledger.redis.hset(KEYS.ledger("h-0"), "held_until", "1800000600")
+    ledger.redis.hincrby(KEYS.batch("b2"), "held", 1)
+    ledger.finish("h-1", outcome("h-1", "cancelled", batch="b2", code="CANCELLED"))
+    ledger.finish("h-2", outcome("h-2", "expired", batch="b2", code="HOLD_EXPIRED"))
+    ledger.finish("h-3", outcome("h-3", "confirmed", batch="b2"))
+    # When its status is read
+    status = batch_status(ledger.redis, KEYS, "b2")
+    # Then held counts among the intents in progress; cancelled and expired are outcomes
+    assert (status.admitted, status.in_progress, status.held, status.confirmed,
+            status.cancelled, status.expired, status.outcomes) == (5, 2, 1, 1, 1, 1, 3)
+    assert status.failed_by_code == {} and not status.done
+    assert status.oldest_open is not None and status.oldest_open.reference == "h-0"
+    assert status.oldest_open.stage == "held"
+    document = status.as_dict()
+    assert (document["held"], document["cancelled"], document["expired"]) == (1, 1, 1)
+    lines = describe(status)
+    assert lines[1:] == [
+        "  in progress          2",
+        "    held               1  (seats held, waiting for the shop's confirm or cancel)",
+        "  confirmed            1",
+        "  failed               0",
+        "  unsettled            0",
+        "  cancelled            1  (stopped before a confirm was sent)",
+        "  expired              1  (holds not confirmed in time, released)",
+        "  published            0  (outcomes on the results queue)",
+        lines[-1],
+    ]
+    assert lines[-1].startswith("  oldest open: h-0, admitted ") and ", held, " in lines[-1]
+
+
+def test_a_batch_without_holds_or_stops_reads_as_before(ledger: Ledger) -> None:
+    ledger.admit(load_intent(intent("p-0", batch="b3")))
+    ledger.finish("p-0", outcome("p-0", "confirmed", batch="b3"))
+    status = batch_status(ledger.redis, KEYS, "b3")
+    assert (status.held, status.cancelled, status.expired) == (0, 0, 0)
+    assert [line.split()[0] for line in describe(status)[1:]] == [
+        "in", "confirmed", "failed", "unsettled", "published"]
+    assert status.as_dict()["held"] == 0  # the JSON always has every count

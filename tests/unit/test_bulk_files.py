@@ -60,6 +60,25 @@ def test_csv_rows_map_to_intents_and_consecutive_rows_of_a_reference_are_its_ite
     }
 
 
+def test_a_csv_hold_column_reads_as_the_intent_s_boolean() -> None:
+    text = ("reference,hold,session_id,price_type_id,quantity,buyer_email\n"
+            "h-1,true,1002,3,1,a@example.com\n"
+            "h-1,,1002,4,1,\n"
+            "h-2,FALSE,1002,3,1,a@example.com\n"
+            "h-3,,1002,3,1,a@example.com\n"
+            "h-4,yes,1002,3,1,a@example.com\n")
+    records = csv_records(text)
+    intents = [parse_intent(r.raw, max_quantity=50) for r in records[:3] if r.raw is not None]
+    assert [intent.hold for intent in intents] == [True, False, False]
+    assert len(intents[0].items) == 2
+    assert "hold" not in dump_intent(intents[2])  # an empty cell: the field is absent
+    raw = records[3].raw
+    assert raw is not None
+    with pytest.raises(InvalidMessageError) as caught:
+        parse_intent(raw, max_quantity=50)
+    assert "hold" in caught.value.errors
+
+
 def test_csv_rows_that_cannot_be_intents_are_refused_with_field_and_reason() -> None:
     text = ("reference,session_id,price_type_id,quantity,seats,buyer_email\n"
             "bad-seat,,,,1001-103,a@example.com\n"

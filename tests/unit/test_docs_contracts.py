@@ -84,7 +84,7 @@ def test_every_result_example_loads(before: str, body: str) -> None:
 
 def test_result_examples_show_a_confirmed_and_a_failed_result() -> None:
     statuses = {load_result(body).status for _, body in RESULTS}
-    assert statuses == {CONFIRMED, FAILED}
+    assert {CONFIRMED, FAILED} <= statuses
 
 
 @pytest.mark.parametrize(("before", "body"), BAD_INTENTS)

@@ -13,7 +13,7 @@ from fulfilment.keys import Keys
 from fulfilment.ledger import Ledger
 from fulfilment.lookup import describe, intent_status
 from schemas.intent import load_intent
-from schemas.result import OrderResult, ResultError, result_id_for
+from schemas.result import OrderResult, ResultError, dump_result, result_id_for
 
 KEYS = Keys("t")
 BUYER = {"email": "secret.buyer@example.com", "phone": "+34 600 111 222", "name": "Secreta",
@@ -97,3 +97,76 @@ def test_the_command_shows_no_personal_data_and_exits_1_for_an_unknown_reference
     assert document["order_id"] == "o-3" and document["state"] == "basket"
     for secret in BUYER.values():
         assert secret not in human.stdout and secret not in as_json.stdout
+
+
+def test_a_held_purchase_reads_as_held_until_its_hold_lapses(client: fakeredis.FakeRedis) -> None:
+    # Given a purchase pre-confirmed and held for ten minutes (Redis's clock)
+    ledger = admit(client, "hold-1")
+    ledger.record("hold-1", order_id="o-1", items_done=1, buyer_set=True, code="AX59")
+    client.hset(KEYS.ledger("hold-1"), "held_until", "1800000600")
+    found = intent_status(client, KEYS, "hold-1")
+    assert (found.state, found.step, found.order_code, found.held_until, found.held_published,
+            found.outcome) == ("held", "confirm", "AX59", "2027-01-15T08:10:00Z", False, None)
+    lines = describe(found, now=datetime(2027, 1, 15, 8, 1, tzinfo=UTC))
+    assert lines[0] == "hold-1: held"
+    assert "  order       o-1, code AX59" in lines
+    assert "  held until  2027-01-15T08:10:00Z (in 9m), held result not yet published" in lines
+    # When the held result went out and the hold has lapsed, not yet released
+    client.hset(KEYS.ledger("hold-1"), "held_published", "1")
+    lines = describe(intent_status(client, KEYS, "hold-1"),
+                     now=datetime(2027, 1, 15, 8, 12, tzinfo=UTC))
+    assert "  held until  2027-01-15T08:10:00Z (lapsed 2m ago), held result published" in lines
+
+
+@pytest.mark.parametrize(("fields", "state", "step"), [
+    ({"confirm_requested": "1"}, "confirm requested", "confirm"),
+    ({"stop": "expire"}, "expiring", "expire"),
+    ({"stop": "cancel"}, "cancelling", "cancel"),
+    ({"stop": "cancel", "confirm_requested": "1"}, "cancelling", "cancel"),
+    ({"confirm_requested": "1", "confirm_sent": "1"}, "confirm sent", "confirm"),
+])
+def test_a_hold_confirmed_or_stopped_reads_as_what_comes_next(
+        client: fakeredis.FakeRedis, fields: dict[str, str], state: str, step: str) -> None:
+    ledger = admit(client, "hold-2")
+    ledger.record("hold-2", order_id="o-2", items_done=1, buyer_set=True, code="AX60")
+    for name, value in {"held_until": "1800000600", **fields}.items():
+        client.hset(KEYS.ledger("hold-2"), name, value)
+    found = intent_status(client, KEYS, "hold-2")
+    assert (found.state, found.step) == (state, step)
+
+
+def test_a_cancel_before_any_basket_reads_as_cancelling(client: fakeredis.FakeRedis) -> None:
+    admit(client, "hold-3")
+    client.hset(KEYS.ledger("hold-3"), "stop", "cancel")
+    found = intent_status(client, KEYS, "hold-3")
+    assert (found.state, found.step, found.held_until) == ("cancelling", "cancel", None)
+
+
+def test_held_cancelled_and_expired_outcomes_show_their_code_and_expiry(
+        client: fakeredis.FakeRedis) -> None:
+    # A held result kept as the entry's outcome (interim, like unsettled)
+    admit(client, "hold-4")
+    held = OrderResult(result_id=result_id_for("hold-4"), reference="hold-4", status="held",
+                       order_code="AX61", hold_expires_at=datetime(2027, 1, 15, 8, 10,
+                                                                   tzinfo=UTC))
+    client.hset(KEYS.ledger("hold-4"), mapping={"outcome": json.dumps(dump_result(held)),
+                                                "published": "1"})
+    found = intent_status(client, KEYS, "hold-4")
+    assert (found.state, found.order_code, found.held_until, found.held_published) == (
+        "held", "AX61", "2027-01-15T08:10:00Z", True)
+    assert ("  held until  2027-01-15T08:10:00Z (in 5m), held result published"
+            in describe(found, now=datetime(2027, 1, 15, 8, 5, tzinfo=UTC)))
+    # The final outcomes: the error code says which stop, and no hold line any more
+    for reference, status, code, order_code in (("hold-5", "cancelled", "CANCELLED", None),
+                                                ("hold-6", "expired", "HOLD_EXPIRED", "AX62")):
+        ledger = admit(client, reference)
+        client.hset(KEYS.ledger(reference), "held_until", "1800000600")
+        ledger.finish(reference, OrderResult(
+            result_id=result_id_for(reference), reference=reference, status=status,
+            order_code=order_code, error=ResultError(code=code, message="m", step="confirm")))
+        found = intent_status(client, KEYS, reference)
+        assert (found.state, found.outcome, found.error_code) == (status, status, code)
+        lines = describe(found, now=datetime(2027, 1, 15, 8, 5, tzinfo=UTC))
+        assert lines[0] == f"{reference}: {status}, not yet published"
+        assert f"  error       {code} at confirm" in lines
+        assert not any("held until" in line for line in lines)

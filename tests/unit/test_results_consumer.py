@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from click.testing import CliRunner
-from kombu import Connection
+from kombu import Connection, Queue
 
-from fulfilment.cli import describe_failure
+from fulfilment.cli import describe_failure, describe_result
 from fulfilment.keys import Keys
 from fulfilment.results import (
     FAILURE_PAYLOAD_LIMIT,
@@ -20,8 +21,15 @@ from fulfilment.results import (
     consume_results,
     failure_body,
 )
-from fulfilment.topology import Topology
-from schemas.result import OrderResult, result_id_for
+from fulfilment.topology import CONFIRMED_KEY, FAILED_KEY, Topology, routing_key_for
+from schemas.result import (
+    CANCELLED_CODE,
+    HOLD_EXPIRED_CODE,
+    STATUSES,
+    OrderResult,
+    ResultError,
+    result_id_for,
+)
 
 MEMORY = "memory://localhost/"
 
@@ -41,6 +49,16 @@ def connection() -> Iterator[Connection]:
 def confirmed(reference: str) -> OrderResult:
     return OrderResult(result_id=result_id_for(reference), reference=reference,
                        status="confirmed", order_code=f"CODE-{reference}")
+
+
+def one_of(status: str) -> OrderResult:
+    """A valid result of this status, its reference the status's name."""
+    code = {"cancelled": CANCELLED_CODE, "expired": HOLD_EXPIRED_CODE}.get(status, "X")
+    return OrderResult(
+        result_id=result_id_for(status), reference=status, status=status,
+        order_code=None if status in ("failed", "cancelled") else "CODE",
+        error=None if status in ("confirmed", "held") else ResultError(code, "m"),
+        hold_expires_at=datetime(2026, 11, 26, 17, 10, tzinfo=UTC) if status == "held" else None)
 
 
 def read(connection: Connection, topology: Topology, limit: int | None) -> list[str]:
@@ -127,3 +145,39 @@ def test_the_failures_command_prints_the_reason_and_the_field_errors(
     assert done.exit_code == 0, done.output
     assert done.stdout.strip() == ("refused: invalid purchase intent (items: Missing data "
                                    "for required field.)")
+
+
+def test_each_status_has_its_own_routing_key_and_the_results_queue_takes_them_all(
+        connection: Connection, topology: Topology) -> None:
+    assert [routing_key_for(status) for status in STATUSES] == [
+        f"result.{status}" for status in STATUSES]
+    assert (CONFIRMED_KEY, FAILED_KEY) == ("result.confirmed", "result.failed")
+    # Given a consumer's own queues, one for holds and one for failures only
+    own = {key: Queue(f"{topology.results_queue.name}.{key}", topology.results_exchange,
+                      routing_key=f"result.{key}") for key in ("held", "failed")}
+    with connection.channel() as channel:
+        for queue in own.values():
+            queue(channel).declare()
+    # When one result of each status is published
+    publisher = ResultPublisher(connection, topology)
+    for status in STATUSES:
+        publisher.publish(one_of(status))
+    # Then the results queue has every one, and each own queue only its status
+    assert read(connection, topology, None) == list(STATUSES)
+    for key, queue in own.items():
+        bound = queue(connection.default_channel)
+        got = []
+        while (message := bound.get(no_ack=True)) is not None:
+            got.append((message.delivery_info["routing_key"], message.payload["status"]))
+        assert got == [(f"result.{key}", key)]
+
+
+def test_each_status_reads_as_one_line_saying_what_to_do_next() -> None:
+    assert [describe_result(one_of(status)) for status in STATUSES] == [
+        "confirmed: confirmed, order code CODE",
+        "failed: failed, X",
+        "unsettled: unsettled, X (order code CODE: fulfilment settle unsettled)",
+        "held: held, order code CODE until 2026-11-26T17:10:00Z (confirm or cancel it by then)",
+        "cancelled: cancelled, CANCELLED",
+        "expired: expired, HOLD_EXPIRED (order code CODE, not bought)",
+    ]

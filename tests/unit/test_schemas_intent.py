@@ -324,6 +324,55 @@ def test_fingerprint_ignores_an_explicit_default_schema_version() -> None:
             == load_intent(valid()).fingerprint())
 
 
+#: Fingerprints computed before ``hold`` existed (main at cd01def), for the smallest and the
+#: fullest intent of docs/contracts.md: admissions of old intents must still match them.
+BEFORE_HOLD = {
+    "a57c42e7baca957aec9d9cc7559167f1e60125a90bfe53bb5d4bc0ffadf3396c": {
+        "reference": "shop-42", "buyer": {"email": "ana.garcia@example.com"},
+        "items": [{"seats": [{"id": 103, "session_id": 1001}, {"id": 104, "session_id": 1001}]}],
+    },
+    "1439026ef5d689df3c1e3d34f16531ce65b57db1fb4998810c3bdc947d382d16": {
+        "reference": "crm:2026-11:000981",
+        "items": [{"seats": [{"id": 103, "session_id": 1001, "rate_id": 1},
+                             {"id": 104, "session_id": 1001}]},
+                  {"session_id": 1002, "price_type_id": 4, "quantity": 2}],
+        "buyer": {"email": "marta.lopez@example.com", "name": "Marta", "surname": "López",
+                  "phone": "+34 600 000 000", "document_id": "00000000T", "zip_code": "28001"},
+        "delivery_method": "EMAIL", "payments": [{"type": "CASH", "amount": 135.0}],
+        "batch": "night-run-17", "lane": "bulk", "shop": "shop-a",
+        "metadata": {"campaign": "black-friday", "priority": 2, "gift": True, "note": None},
+        "schema_version": 1,
+    },
+}
+
+
+@pytest.mark.parametrize(("fingerprint", "doc"), list(BEFORE_HOLD.items()))
+def test_an_intent_without_hold_keeps_the_fingerprint_it_had_before_hold(
+        fingerprint: str, doc: Doc) -> None:
+    intent = load_intent(doc)
+    assert intent.hold is False
+    assert "hold" not in dump_intent(intent)
+    assert intent.fingerprint() == fingerprint
+    # An explicit false is the same intent: same dump, same fingerprint.
+    explicit = load_intent({**doc, "hold": False})
+    assert explicit == intent
+    assert explicit.fingerprint() == fingerprint
+
+
+@pytest.mark.parametrize("doc", list(BEFORE_HOLD.values()))
+def test_hold_true_is_dumped_and_changes_the_fingerprint(doc: Doc) -> None:
+    held = load_intent({**doc, "hold": True})
+    assert held.hold is True
+    assert dump_intent(held)["hold"] is True
+    assert load_intent(dump_intent(held)) == held
+    assert held.fingerprint() != load_intent(doc).fingerprint()
+
+
+@pytest.mark.parametrize("bad", ["true", 1, 0, None, "yes", [True]])
+def test_hold_must_be_a_json_boolean(bad: Any) -> None:
+    assert at(messages_of({**valid(), "hold": bad}), ("hold",))
+
+
 def test_buyer_payload_has_email_non_empty_fields_and_the_rest() -> None:
     buyer = Buyer(email="a@example.com", name="", surname="Ruiz", extra={"zip_code": "28001"})
     assert buyer.as_payload() == {"email": "a@example.com", "surname": "Ruiz", "zip_code": "28001"}

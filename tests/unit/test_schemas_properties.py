@@ -21,8 +21,11 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from schemas import (
+    CANCELLED,
     CONFIRMED,
-    FAILED,
+    EXPIRED,
+    HELD,
+    UNSETTLED,
     canonical_json,
     dump_intent,
     dump_result,
@@ -32,6 +35,7 @@ from schemas import (
 )
 from schemas.intent import BUYER_FIELDS
 from schemas.jsonschema import intent_json_schema, json_schema_errors, result_json_schema
+from schemas.result import CANCELLED_CODE, HOLD_EXPIRED_CODE, STATUSES
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -85,6 +89,7 @@ intents = st.fixed_dictionaries(
         "metadata": metadata,
         "lane": st.sampled_from(["live", "bulk"]),
         "shop": references,
+        "hold": st.just(True),  # false is the default, left out of a dump
     },
 )
 
@@ -98,10 +103,13 @@ errors = st.fixed_dictionaries(
               "trace_id": st.text(min_size=1, max_size=128)})
 
 
+CODE_OF = {CANCELLED: CANCELLED_CODE, EXPIRED: HOLD_EXPIRED_CODE}
+
+
 @st.composite
 def results(draw: st.DrawFn) -> Doc:
     reference = draw(references)
-    status = draw(st.sampled_from([CONFIRMED, FAILED]))
+    status = draw(st.sampled_from(STATUSES))
     document: Doc = {"result_id": result_id_for(reference), "reference": reference,
                      "status": status, "attempts": draw(st.integers(1, 1000)),
                      "schema_version": 1}
@@ -112,10 +120,16 @@ def results(draw: st.DrawFn) -> Doc:
     for key, strategy in optional.items():
         if draw(st.booleans()):
             document[key] = draw(strategy)
-    if status == CONFIRMED:
+    if status in (CONFIRMED, HELD, EXPIRED):
         document["order_code"] = draw(optional["order_code"])
-    else:
+    if status == UNSETTLED and "order_id" not in document:
+        document["order_code"] = draw(optional["order_code"])
+    if status == HELD:
+        document["hold_expires_at"] = draw(times)
+    elif status != CONFIRMED:
         document["error"] = draw(errors)
+        if status in CODE_OF:
+            document["error"]["code"] = CODE_OF[status]
     return document
 
 
@@ -160,12 +174,14 @@ BAD_VALUES: dict[str, list[Any]] = {
     "payments": [{}, "cash", [1], [{"k": [1]}], [{}] * 11, None],
     "metadata": [[], "meta", {"k": {"nested": 1}}, {"k": [1]}, {f"k{n}": 1 for n in range(17)}],
     "schema_version": [2, 0, "1", True, None, 1.5],
+    "hold": ["true", 1, 0, None, [True]],
     # results
     "result_id": ["not-a-uuid", 5, None, ""],
     "status": ["done", "CONFIRMED", 1, None],
     "attempts": [0, -1, True, "1", 1.5, None],
     "submitted_at": ["2026-11-26T17:00:00", "2026-11-26", "soon", 5, None],
     "finished_at": ["2026-13-01T00:00:00Z", 0],
+    "hold_expires_at": ["2026-11-26T17:00:00", "in ten minutes", 600, None],
     "order_code": ["", 5, None], "order_id": ["", 5, None],
     "error": ["boom", [], None, {}],
     "code": ["", "c" * 65, 5, None], "message": ["m" * 2049, 5, None],
@@ -202,8 +218,8 @@ def _mutations(document: Doc, kind: str) -> list[tuple[str, Path, Any]]:
     for path, object_kind, node in _objects(document, kind):
         for key in REQUIRED[object_kind]:
             found.append(("remove", (*path, key), None))
-        if object_kind == "result" and node["status"] == CONFIRMED:
-            found.append(("remove", ("order_code",), None))
+        if object_kind == "result":
+            found.extend(_status_mutations(node))
         if object_kind == "buyer":
             found.append(("add", (*path, "Not-A-Field-Name"), "x"))
         else:
@@ -213,6 +229,24 @@ def _mutations(document: Doc, kind: str) -> list[tuple[str, Path, Any]]:
         for key in keys:
             if key in node and key in BAD_VALUES:
                 found.extend(("replace", (*path, key), bad) for bad in BAD_VALUES[key])
+    return found
+
+
+def _status_mutations(result: Doc) -> list[tuple[str, Path, Any]]:
+    """Manglings that break only a rule tying fields to the status."""
+    status = result["status"]
+    found: list[tuple[str, Path, Any]] = []
+    if status in (CONFIRMED, HELD, EXPIRED):
+        found.append(("remove", ("order_code",), None))
+    if status == HELD:
+        found.append(("remove", ("hold_expires_at",), None))
+        found.append(("add", ("error",), {"code": "X", "message": "m"}))
+    else:
+        found.append(("add", ("hold_expires_at",), "2026-11-26T17:10:00Z"))
+    if status not in (CONFIRMED, HELD):
+        found.append(("remove", ("error",), None))
+    if status in CODE_OF:
+        found.append(("replace", ("error", "code"), "ORDER_SEAT_NOT_AVAILABLE"))
     return found
 
 

@@ -11,16 +11,29 @@ import pytest
 from marshmallow import ValidationError
 
 from schemas import (
+    CANCELLED,
     CONFIRMED,
+    EXPIRED,
     FAILED,
+    HELD,
     MAX_MESSAGE_BYTES,
+    UNSETTLED,
     OrderResult,
     ResultError,
     dump_result,
+    is_interim,
     load_result,
     result_id_for,
 )
-from schemas.result import MAX_ERROR_MESSAGE, RESULT_ID_NAMESPACE
+from schemas.jsonschema import json_schema_errors, result_json_schema
+from schemas.result import (
+    CANCELLED_CODE,
+    FINAL_STATUSES,
+    HOLD_EXPIRED_CODE,
+    MAX_ERROR_MESSAGE,
+    RESULT_ID_NAMESPACE,
+    STATUSES,
+)
 
 SUBMITTED = datetime(2026, 11, 26, 17, 0, tzinfo=UTC)
 FINISHED = datetime(2026, 11, 26, 17, 0, 2, 250000, tzinfo=UTC)
@@ -46,6 +59,45 @@ def failed(**changes: Any) -> OrderResult:
     return OrderResult(**{**fields, **changes})
 
 
+HOLD_EXPIRES = datetime(2026, 11, 26, 17, 10, tzinfo=UTC)
+
+
+def held(**changes: Any) -> OrderResult:
+    fields: dict[str, Any] = {
+        "result_id": result_id_for("order-3"), "reference": "order-3", "status": HELD,
+        "order_code": "AX59SJ29392X", "order_id": "3f2c9a5e0b7d4e1f8a6c2b9d0e4f7a1c",
+        "hold_expires_at": HOLD_EXPIRES, "submitted_at": SUBMITTED, "finished_at": FINISHED,
+    }
+    return OrderResult(**{**fields, **changes})
+
+
+def cancelled(**changes: Any) -> OrderResult:
+    fields: dict[str, Any] = {
+        "result_id": result_id_for("order-3"), "reference": "order-3", "status": CANCELLED,
+        "error": ResultError(code=CANCELLED_CODE, message="cancelled by the shop", step="seats"),
+    }
+    return OrderResult(**{**fields, **changes})
+
+
+def expired(**changes: Any) -> OrderResult:
+    fields: dict[str, Any] = {
+        "result_id": result_id_for("order-3"), "reference": "order-3", "status": EXPIRED,
+        "order_code": "AX59SJ29392X", "order_id": "3f2c9a5e0b7d4e1f8a6c2b9d0e4f7a1c",
+        "error": ResultError(code=HOLD_EXPIRED_CODE, message="the hold lapsed unconfirmed",
+                             step="confirm"),
+    }
+    return OrderResult(**{**fields, **changes})
+
+
+def unsettled(**changes: Any) -> OrderResult:
+    fields: dict[str, Any] = {
+        "result_id": result_id_for("order-4"), "reference": "order-4", "status": UNSETTLED,
+        "order_code": "AX59SJ29392X",
+        "error": ResultError(code="CONFIRM_UNSETTLED", message="no answer", step="confirm"),
+    }
+    return OrderResult(**{**fields, **changes})
+
+
 def test_result_id_is_a_stable_uuid5_of_the_reference() -> None:
     result_id = result_id_for("order-1")
     assert result_id == result_id_for("order-1")
@@ -59,12 +111,54 @@ def test_result_id_namespace_never_changes() -> None:
     assert result_id_for("shop-42") == "81747fdf-fc83-59e0-820a-456b2d45b62f"
 
 
-@pytest.mark.parametrize("result", [confirmed(), failed(), confirmed(error=None, attempts=4)])
+@pytest.mark.parametrize("result", [
+    confirmed(), failed(), confirmed(error=None, attempts=4), unsettled(),
+    unsettled(order_code=None, order_id="o-1"), held(), cancelled(),
+    cancelled(order_code="AX59SJ29392X", error=ResultError(CANCELLED_CODE, "by the shop",
+                                                           step="confirm")),
+    expired(),
+], ids=lambda result: result.status)
 def test_results_round_trip(result: OrderResult) -> None:
     dumped = dump_result(result)
     assert load_result(dumped) == result
     assert load_result(json.dumps(dumped)) == result
     assert load_result(json.dumps(dumped).encode()) == result
+    assert json_schema_errors(dumped, result_json_schema()) == []
+
+
+#: Results as the worker published them before held, cancelled and expired existed.
+OLD_RESULTS = [
+    {"result_id": result_id_for("r"), "reference": "r", "status": "confirmed",
+     "order_code": "AX1", "attempts": 1, "schema_version": 1},
+    {"result_id": result_id_for("r"), "reference": "r", "status": "failed",
+     "error": {"code": "ORDER_SEAT_NOT_AVAILABLE", "message": "m", "retryable": False}},
+    {"result_id": result_id_for("r"), "reference": "r", "status": "unsettled",
+     "order_id": "o-1", "error": {"code": "CONFIRM_UNSETTLED", "message": "m"}},
+]
+
+
+@pytest.mark.parametrize("document", OLD_RESULTS, ids=lambda document: document["status"])
+def test_results_from_before_holds_are_still_valid(document: dict[str, Any]) -> None:
+    result = load_result(document)
+    assert result.hold_expires_at is None
+    assert "hold_expires_at" not in dump_result(result)
+    assert json_schema_errors(document, result_json_schema()) == []
+
+
+def test_a_held_result_dumps_its_code_and_expiry() -> None:
+    assert dump_result(held()) == {
+        "result_id": result_id_for("order-3"), "reference": "order-3", "status": "held",
+        "order_code": "AX59SJ29392X", "order_id": "3f2c9a5e0b7d4e1f8a6c2b9d0e4f7a1c",
+        "attempts": 1, "submitted_at": "2026-11-26T17:00:00Z",
+        "finished_at": "2026-11-26T17:00:02.250000Z", "hold_expires_at": "2026-11-26T17:10:00Z",
+        "schema_version": 1,
+    }
+
+
+def test_held_and_unsettled_are_interim_the_others_final() -> None:
+    assert [status for status in STATUSES if is_interim(status)] == [UNSETTLED, HELD]
+    assert [status for status in STATUSES if not is_interim(status)] == list(FINAL_STATUSES)
+    assert set(FINAL_STATUSES) == {CONFIRMED, FAILED, CANCELLED, EXPIRED}
 
 
 def test_a_confirmed_result_dumps_as_documented() -> None:
@@ -120,6 +214,28 @@ BAD_CASES: list[tuple[str, dict[str, Any], tuple[Any, ...]]] = [
     ("confirmed without order code", _doc(status="confirmed", error=...), ("order_code",)),
     ("confirmed with an error", _doc(status="confirmed", order_code="AX1"), ("error",)),
     ("failed without error", _doc(error=...), ("error",)),
+    ("failed with hold_expires_at", _doc(hold_expires_at="2026-11-26T17:10:00Z"),
+     ("hold_expires_at",)),
+    ("held without order code", _doc(status="held", error=...,
+                                     hold_expires_at="2026-11-26T17:10:00Z"), ("order_code",)),
+    ("held without expiry", _doc(status="held", error=..., order_code="AX1"),
+     ("hold_expires_at",)),
+    ("held with an error", _doc(status="held", order_code="AX1",
+                                hold_expires_at="2026-11-26T17:10:00Z"), ("error",)),
+    ("held expiry naive", _doc(status="held", error=..., order_code="AX1",
+                               hold_expires_at="2026-11-26T17:10:00"), ("hold_expires_at",)),
+    ("cancelled without error", _doc(status="cancelled", error=...), ("error",)),
+    ("cancelled with another code", _doc(status="cancelled"), ("error", "code")),
+    ("expired without order code", _doc(status="expired", error={"code": "HOLD_EXPIRED",
+                                                                  "message": "m"}),
+     ("order_code",)),
+    ("expired with another code", _doc(status="expired", order_code="AX1",
+                                       error={"code": "CANCELLED", "message": "m"}),
+     ("error", "code")),
+    ("expired with hold_expires_at", _doc(status="expired", order_code="AX1",
+                                          error={"code": "HOLD_EXPIRED", "message": "m"},
+                                          hold_expires_at="2026-11-26T17:10:00Z"),
+     ("hold_expires_at",)),
     ("unknown status", _doc(status="done"), ("status",)),
     ("status missing", _doc(status=...), ("status",)),
     ("result_id missing", _doc(result_id=...), ("result_id",)),
@@ -163,6 +279,8 @@ def test_a_bad_result_is_refused_naming_the_field(document: dict[str, Any],
         assert key in node, caught.value.messages
         node = node[key]
     assert node
+    if path != ("metadata",):  # metadata's 2 KiB: a limit JSON Schema cannot say
+        assert json_schema_errors(document, result_json_schema()), "the JSON Schema accepts it"
 
 
 @pytest.mark.parametrize("data", ["nope", "[]", b"\xff", 7, "x" * (MAX_MESSAGE_BYTES + 1)])
@@ -186,3 +304,21 @@ def test_an_inconsistent_result_cannot_be_built(changes: dict[str, Any], problem
 def test_a_failed_result_needs_an_error() -> None:
     with pytest.raises(ValueError, match="error"):
         failed(error=None)
+
+
+@pytest.mark.parametrize(("build", "changes", "problem"), [
+    (held, {"order_code": None}, "order_code"),
+    (held, {"hold_expires_at": None}, "hold_expires_at"),
+    (held, {"error": ResultError("X", "m")}, "error"),
+    (held, {"hold_expires_at": datetime(2026, 11, 26, 17, 10)}, "time"),  # naive on purpose
+    (cancelled, {"error": None}, "error"),
+    (cancelled, {"error": ResultError("ORDER_SEAT_NOT_AVAILABLE", "m")}, "CANCELLED"),
+    (cancelled, {"hold_expires_at": HOLD_EXPIRES}, "hold_expires_at"),
+    (expired, {"order_code": None}, "order_code"),
+    (expired, {"error": ResultError(CANCELLED_CODE, "m")}, "HOLD_EXPIRED"),
+    (confirmed, {"hold_expires_at": HOLD_EXPIRES}, "hold_expires_at"),
+])
+def test_an_inconsistent_hold_result_cannot_be_built(build: Any, changes: dict[str, Any],
+                                                     problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        build(**changes)
