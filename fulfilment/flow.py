@@ -42,6 +42,7 @@ from fulfilment.redact import masking_buyer
 from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from fulfilment.sessioncap import SessionCap
+from fulfilment.unsettled import UnsettledIndex, answer_of
 from schemas.intent import NumberedItem
 from schemas.onebox import Order
 from schemas.result import (
@@ -689,9 +690,15 @@ def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError, *
         return RetryIn(min(max(wait, 1.0), services.policy.cap, remaining), "CONFIRM_UNSETTLED")
     error = ResultError(code="CONFIRM_UNSETTLED",
                         message=f"a confirm was sent and Onebox could not tell whether it "
-                                f"went through: {exc.message} ({exc.code}); settle it with "
-                                f"'fulfilment settle {entry.reference}'",
+                                f"went through: {exc.message} ({exc.code}); it is read again by "
+                                f"itself, or settle it with 'fulfilment settle "
+                                f"{entry.reference}'",
                         step="confirm", retryable=False, trace_id=exc.trace_id)
+    # Indexed first (read again on a schedule, fulfilment.settlement): never an
+    # unsettled outcome that nobody reads again.
+    UnsettledIndex(services.ledger.redis, services.ledger.keys).mark(
+        entry.reference, now=now, first=services.settings.settle_first,
+        answer=answer_of(exc.code, exc.status), order_code=entry.code, batch=entry.result_batch)
     services.ledger.finish(entry.reference, _result(services, entry, UNSETTLED,
                                                     order_code=entry.code, error=error))
     log.error("purchase unsettled: confirm sent, outcome unknown (%s)", exc.code)

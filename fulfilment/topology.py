@@ -1,10 +1,15 @@
 """The messaging topology, declared once: exchanges, queues and routing keys.
 
-Results go to a durable topic exchange with routing key ``result.confirmed`` or
-``result.failed``; the results queue takes both (``result.#``), and a consumer
-that only wants failures binds its own queue to ``result.failed``. Messages
-that could not be taken in at all (invalid payloads found on a queue) go to the
-failures queue with their reason.
+Results go to a durable topic exchange with routing key ``result.<status>``:
+``result.confirmed``, ``result.failed`` or ``result.unsettled``. The results
+queue takes them all (``result.#``). A shop binds a queue of its own to the
+routes it acts on: ``result.failed`` for purchases that bought nothing (an
+``unsettled`` one may have been bought, so it never goes there),
+``result.unsettled`` to say "pending" or alert someone, ``result.confirmed``
+and ``result.failed`` for final outcomes only (an unsettled intent's final one
+follows on them, with the same ``result_id``). Messages that could not be
+taken in at all (invalid payloads found on a queue) go to the failures queue
+with their reason.
 
 Workers serve their queues in the order of ``Topology.consumed``: purchases
 under way (``continue``), then new live intents, then periodic work, then new
@@ -34,6 +39,7 @@ from fulfilment.keys import Keys
 
 CONFIRMED_KEY = "result.confirmed"
 FAILED_KEY = "result.failed"
+UNSETTLED_KEY = "result.unsettled"
 FAILURE_KEY = "failure"
 #: The queue type of every queue of ours on RabbitMQ (``x-queue-type``).
 QUORUM = {"x-queue-type": "quorum"}
@@ -102,7 +108,8 @@ class Topology:
 
 
 def routing_key_for(status: str) -> str:
-    return CONFIRMED_KEY if status == "confirmed" else FAILED_KEY
+    """A result's route: ``result.<status>`` (see the module docstring)."""
+    return f"result.{status}"
 
 
 def control_names(prefix: str) -> dict[str, str]:

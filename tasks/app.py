@@ -70,6 +70,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                              "schedule": settings.intake_interval},
             "bulk-release": {"task": "fulfilment.maintenance.release_bulk",
                              "schedule": settings.release_interval},
+            # Unsettled intents' next reads are due on their own schedule
+            # (FULFILMENT_SETTLE_FIRST, doubling): this only looks for due ones.
+            "unsettled-settle": {"task": "fulfilment.maintenance.settle_unsettled",
+                                 "schedule": settings.sweep_interval},
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
