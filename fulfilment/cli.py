@@ -208,6 +208,51 @@ def describe_result(result: OrderResult) -> str:
     return line
 
 
+@cli.command()
+@click.option("--batch", "batch_id", default=None, help="Only this batch's.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per intent, one a line.")
+def unsettled(batch_id: str | None, as_json: bool) -> None:
+    """List the unsettled intents, oldest first: age, order code, reads, the last answer.
+
+    Each is read again by itself (celery beat: FULFILMENT_SETTLE_FIRST, doubling
+    to an hour, for FULFILMENT_SETTLE_FOR); 'fulfilment settle' reads them now.
+    No buyer data: the last answer holds Onebox's codes and statuses only.
+    """
+    from fulfilment.clock import redis_time
+    from fulfilment.unsettled import UnsettledIndex, describe_age
+    from fulfilment.wiring import redis_client
+
+    settings_ = load_settings()
+    client = redis_client(settings_)
+    try:
+        now = redis_time(client)
+        found = UnsettledIndex(client, Keys(settings_.key_prefix)).all(batch=batch_id)
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot read the ledger at {mask_url(settings_.redis_url)}: "
+                                   f"{type(exc).__name__}") from None
+    finally:
+        client.close()
+    if as_json:
+        for item in found:
+            click.echo(json.dumps(item.as_dict(now), sort_keys=True))
+        return
+    rows = [("reference", "age", "order code", "reads", "next read", "last answer")]
+    rows += [(item.reference, describe_age(now - item.since), item.order_code or "?",
+              str(item.checks),
+              "off schedule" if item.next_check is None
+              else f"in {describe_age(item.next_check - now)}", item.last_answer or "?")
+             for item in found]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for *cells, last in rows if found else []:
+        click.echo("  ".join([*(cell.ljust(width) for cell, width in zip(cells, widths,
+                                                                         strict=True)), last]))
+    off = sum(item.next_check is None for item in found)
+    click.echo(f"{len(found)} unsettled" + (f" in batch {batch_id}" if batch_id else "") +
+               (f", {off} off the schedule (past FULFILMENT_SETTLE_FOR: 'fulfilment settle' "
+                "once Onebox support has answered)" if off else ""))
+
+
 def describe_failure(failure: Mapping[str, Any]) -> str:
     """A refused message for people: its reason and each field's error, never its payload."""
     from fulfilment.producer import describe_errors

@@ -311,6 +311,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_INTAKE_INTERVAL", "intake_interval", "1",
             "Seconds between two drains of the Redis-list intake (celery beat).",
             _positive_float),
+    Setting("FULFILMENT_SETTLE_FIRST", "settle_first", "60",
+            "Seconds after an intent ends `unsettled` before its order is read again by "
+            "itself (celery beat); the wait then doubles up to an hour between reads.",
+            _positive_float),
+    Setting("FULFILMENT_SETTLE_FOR", "settle_for", "259200",
+            "Seconds an `unsettled` intent is read again on that schedule; default 72 h. "
+            "Past it the intent stays `unsettled`, listed by `fulfilment unsettled`, until "
+            "`fulfilment settle` (and `fulfilment health` says so).", _positive_float),
     Setting("FULFILMENT_BULK_IN_FLIGHT", "bulk_in_flight", "64",
             "Bulk intents released to the broker and not yet finished, fleet-wide, at most; "
             "the rest wait in Redis, shared fairly between shops (fulfilment.release). "
@@ -375,6 +383,8 @@ class Settings:
     task_time_limit: int
     sweep_interval: float
     intake_interval: float
+    settle_first: float
+    settle_for: float
     bulk_in_flight: int
     release_interval: float
     metrics_port: int

@@ -50,6 +50,7 @@ from fulfilment.results import ResultPublisher
 from fulfilment.retry import RetryPolicy
 from fulfilment.sessioncap import SessionCap
 from fulfilment.states import state_of
+from fulfilment.unsettled import UnsettledIndex, answer_of
 from schemas import result
 from schemas.intent import NumberedItem
 from schemas.onebox import Order
@@ -820,9 +821,15 @@ def _unsettled_or_wait(services: Services, entry: Entry, exc: FulfilmentError, *
         return RetryIn(min(max(wait, 1.0), services.policy.cap, remaining), "CONFIRM_UNSETTLED")
     error = ResultError(code="CONFIRM_UNSETTLED",
                         message=f"a confirm was sent and Onebox could not tell whether it "
-                                f"went through: {exc.message} ({exc.code}); settle it with "
-                                f"'fulfilment settle {entry.reference}'",
+                                f"went through: {exc.message} ({exc.code}); it is read again by "
+                                f"itself, or settle it with 'fulfilment settle "
+                                f"{entry.reference}'",
                         step="confirm", retryable=False, trace_id=exc.trace_id)
+    # Indexed first (read again on a schedule, fulfilment.settlement): never an
+    # unsettled outcome that nobody reads again.
+    UnsettledIndex(services.ledger.redis, services.ledger.keys).mark(
+        entry.reference, now=now, first=services.settings.settle_first,
+        answer=answer_of(exc.code, exc.status), order_code=entry.code, batch=entry.result_batch)
     services.ledger.finish(entry.reference, _result(services, entry, UNSETTLED,
                                                     order_code=entry.code, error=error))
     log.error("purchase unsettled: confirm sent, outcome unknown (%s)", exc.code)

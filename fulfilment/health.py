@@ -5,7 +5,8 @@ broker (a connection, then each queue's depth), Onebox (a token is fetched:
 the credentials work and the API answers), the Redis-list intake (its depth,
 and when celery beat last drained it: without beat it stalls silently), and
 intents stuck past ``FULFILMENT_STUCK_AFTER`` (what the recovery sweep should
-be resuming).
+be resuming), and unsettled intents (read again by themselves; degraded once
+one has waited ``UNSETTLED_DEGRADED_AFTER`` or left the schedule).
 
 Each check is ``ok``, ``degraded`` (working, but something needs a look:
 stuck intents, an intake beat has not drained lately) or ``unhealthy``
@@ -34,6 +35,7 @@ from fulfilment.keys import Keys
 from fulfilment.redis_text import text
 from fulfilment.release import waiting as bulk_waiting
 from fulfilment.topology import Topology, is_amqp
+from fulfilment.unsettled import SETTLE_CAP, UnsettledIndex
 
 OK, DEGRADED, UNHEALTHY, SKIPPED = "ok", "degraded", "unhealthy", "skipped"
 _RANK = {OK: 0, SKIPPED: 0, DEGRADED: 1, UNHEALTHY: 2}
@@ -45,6 +47,10 @@ INTAKE_STALE_INTERVALS = 10
 INTAKE_STALE_MIN = 30.0
 #: Stuck references listed by name.
 STUCK_SHOWN = 5
+#: An unsettled intent waiting longer than this makes health degraded: by then its
+#: reads have backed off to their cap (about seven refused in a row), so Onebox's
+#: silence is no blip, and a buyer may have paid without knowing it.
+UNSETTLED_DEGRADED_AFTER = SETTLE_CAP
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,10 @@ def check_health(settings: Settings, *, onebox: bool = True,
             now = clock() if clock is not None else redis_time(client)
             checks.append(_check_stuck(settings, keys, client, now))
             checks.append(_check_intake(settings, keys, client, now))
+            checks.append(_check_unsettled(settings, keys, client, now))
         else:
             checks += [Check(name, SKIPPED, "not checked: Redis is unreachable")
-                       for name in ("stuck", "intake")]
+                       for name in ("stuck", "intake", "unsettled")]
     return Health(tuple(checks), now)
 
 
@@ -258,6 +265,30 @@ def _check_intake(settings: Settings, keys: Keys, client: redis.Redis, now: floa
         return Check("intake", DEGRADED, f"last drained {_ago(age)} ago, more than "
                      f"{stale_after:g} s ({waiting} waiting): is celery beat running?", data)
     return Check("intake", OK, f"last drained {_ago(age)} ago, {waiting} waiting", data)
+
+
+def _check_unsettled(settings: Settings, keys: Keys, client: redis.Redis,
+                     now: float) -> Check:
+    """Unsettled intents: read again by themselves, but a long wait needs a person."""
+    waiting = UnsettledIndex(client, keys).waiting()
+    oldest = waiting.oldest_age(now)
+    data = {"unsettled": waiting.count, "oldest_s": round(oldest),
+            "off_schedule": waiting.off_schedule,
+            "degraded_after_s": UNSETTLED_DEGRADED_AFTER, "settle_for_s": settings.settle_for}
+    if not waiting.count:
+        return Check("unsettled", OK, "none", data)
+    shown = f"{waiting.count} unsettled, the oldest for {_ago(oldest)}"
+    if waiting.off_schedule:
+        return Check("unsettled", DEGRADED, f"{shown}; {waiting.off_schedule} no longer read "
+                     f"again (past FULFILMENT_SETTLE_FOR, {settings.settle_for:g} s): ask "
+                     "Onebox support, then 'fulfilment settle'; 'fulfilment unsettled' lists "
+                     "them", data)
+    if oldest > UNSETTLED_DEGRADED_AFTER:
+        return Check("unsettled", DEGRADED, f"{shown}, more than "
+                     f"{UNSETTLED_DEGRADED_AFTER:g} s: Onebox has not shown their orders "
+                     "since; 'fulfilment unsettled' lists the last answers (is the orders "
+                     "scope granted? is celery beat running?)", data)
+    return Check("unsettled", OK, f"{shown}; read again by themselves", data)
 
 
 def _ago(seconds: float) -> str:

@@ -118,6 +118,28 @@ class Keys:
         scored by when (Redis's clock)."""
         return f"{self.prefix}:bulk:in_flight"
 
+    # --- unsettled intents, read again on a schedule (fulfilment.unsettled) --------
+    @property
+    def unsettled(self) -> str:
+        """Sorted set: unsettled references -> their next check (Redis's clock; +inf once
+        they left the schedule, past ``FULFILMENT_SETTLE_FOR``)."""
+        return f"{self.prefix}:unsettled"
+
+    @property
+    def unsettled_since(self) -> str:
+        """Sorted set: unsettled references -> when they became unsettled (Redis's clock)."""
+        return f"{self.prefix}:unsettled:since"
+
+    @property
+    def unsettled_info(self) -> str:
+        """Hash: unsettled reference -> JSON of its checks, last answer, order code, batch."""
+        return f"{self.prefix}:unsettled:info"
+
+    @property
+    def unsettled_lock(self) -> str:
+        """String: held by the scheduled settlement while it runs (one at a time)."""
+        return f"{self.prefix}:unsettled:lock"
+
     @property
     def sweep_lock(self) -> str:
         return f"{self.prefix}:sweep:lock"

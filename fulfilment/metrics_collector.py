@@ -29,7 +29,8 @@ class RedisCollector:
     each intake drainer's chunk in hand, a few at most): LLEN of
     each queue's lists (kombu keeps one per priority step), HLEN of the
     broker's unacknowledged messages, ZCARD and the first member of the
-    ledger's open set (as ``fulfilment.recovery`` reads it), the breaker's
+    ledger's open set (as ``fulfilment.recovery`` reads it) and of the unsettled
+    intents' (``fulfilment.unsettled``), the breaker's
     hash (as ``OneboxGuard.state``) and Redis's clock. No SCAN. Every worker
     reports the same values: take ``max`` across workers, not ``sum``.
     """
@@ -85,10 +86,12 @@ class RedisCollector:
         pipe.zcard(keys.open_intents)
         pipe.zrange(keys.open_intents, 0, 0, withscores=True)
         pipe.time()
+        pipe.zcard(keys.unsettled_since)
+        pipe.zrange(keys.unsettled_since, 0, 0, withscores=True)
         if self._breaker_key is not None:
             pipe.hgetall(self._breaker_key)
         answers = pipe.execute()
-        intake, open_count, oldest, (seconds, micros) = answers[:4]
+        intake, open_count, oldest, (seconds, micros), unsettled, first_unsettled = answers[:6]
         # Each drainer's chunk in hand: a short list of at most a few drainers.
         processing = taken_count(self._redis, keys)
         now = float(seconds) + float(micros) / 1_000_000
@@ -115,9 +118,18 @@ class RedisCollector:
             "fulfilment_oldest_open_intent_idle_seconds", "Seconds since the open intent that "
             "has gone longest without progress last progressed (0 when none is open); the "
             "recovery sweep resumes it past FULFILMENT_STUCK_AFTER.", value=idle))
+        families.append(GaugeMetricFamily(
+            "fulfilment_unsettled_intents", "Intents whose outcome is unsettled (a confirm "
+            "was sent and Onebox could not tell yet): read again by themselves "
+            "(FULFILMENT_SETTLE_FIRST, doubling to an hour, for FULFILMENT_SETTLE_FOR).",
+            value=float(unsettled)))
+        waited = max(now - float(first_unsettled[0][1]), 0.0) if first_unsettled else 0.0
+        families.append(GaugeMetricFamily(
+            "fulfilment_oldest_unsettled_intent_seconds", "Seconds since the oldest unsettled "
+            "intent became unsettled (0 when none is).", value=waited))
         state = "disabled"
         if self._breaker_key is not None:
-            breaker = {text(k): text(v) for k, v in answers[4].items()}
+            breaker = {text(k): text(v) for k, v in answers[6].items()}
             state = "closed"
             if "open_until" in breaker:
                 state = "open" if float(breaker["open_until"]) > now * 1_000_000 else "half_open"

@@ -1,12 +1,16 @@
 """The messaging topology, declared once: exchanges, queues and routing keys.
 
-Results go to a durable topic exchange with routing key ``result.<status>``
-(``result.confirmed``, ``result.failed``, ``result.unsettled``, ``result.held``,
-``result.cancelled``, ``result.expired``); the results queue takes them all
-(``result.#``), and a consumer that only wants some binds its own queue to
-those keys (failures: ``result.failed``; holds to confirm: ``result.held``). Messages
-that could not be taken in at all (invalid payloads found on a queue) go to the
-failures queue with their reason.
+Results go to a durable topic exchange with routing key ``result.<status>``:
+``result.confirmed``, ``result.failed``, ``result.unsettled``, ``result.held``,
+``result.cancelled`` or ``result.expired``. The results
+queue takes them all (``result.#``). A shop binds a queue of its own to the
+routes it acts on: ``result.failed`` for purchases that bought nothing (an
+``unsettled`` one may have been bought, so it never goes there),
+``result.unsettled`` to say "pending" or alert someone, ``result.confirmed``
+and ``result.failed`` for final outcomes only (an unsettled intent's final one
+follows on them, with the same ``result_id``). Messages that could not be
+taken in at all (invalid payloads found on a queue) go to the failures queue
+with their reason.
 
 Workers serve their queues in the order of ``Topology.consumed``: purchases
 under way (``continue``), then new live intents, then periodic work, then new
@@ -37,6 +41,7 @@ from fulfilment.keys import Keys
 RESULT_KEY_PREFIX = "result."
 CONFIRMED_KEY = f"{RESULT_KEY_PREFIX}confirmed"
 FAILED_KEY = f"{RESULT_KEY_PREFIX}failed"
+UNSETTLED_KEY = f"{RESULT_KEY_PREFIX}unsettled"
 FAILURE_KEY = "failure"
 #: The queue type of every queue of ours on RabbitMQ (``x-queue-type``).
 QUORUM = {"x-queue-type": "quorum"}

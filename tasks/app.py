@@ -72,6 +72,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                              "schedule": settings.release_interval},
             "hold-expiry": {"task": "fulfilment.maintenance.expire_holds",
                             "schedule": settings.release_interval},
+            # Unsettled intents' next reads are due on their own schedule
+            # (FULFILMENT_SETTLE_FIRST, doubling): this only looks for due ones.
+            "unsettled-settle": {"task": "fulfilment.maintenance.settle_unsettled",
+                                 "schedule": settings.sweep_interval},
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,

@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 import redis
@@ -42,7 +42,10 @@ from fulfilment.results import consume_results
 from fulfilment.stops import Answer
 from fulfilment.topology import Topology
 from schemas.intent import BULK, LANES, LIVE
-from schemas.result import CONFIRMED, OrderResult
+from schemas.result import CONFIRMED, HELD, OrderResult
+
+if TYPE_CHECKING:
+    from fulfilment.settlement import Checked
 
 #: Seconds between two reads of a batch's status while ``submit --wait`` follows it.
 WAIT_POLL = 1.0
@@ -108,6 +111,8 @@ def _collect(connection: Connection, settings: Settings, expected: int,
     with click.progressbar(length=expected, label="purchasing", show_pos=True) as bar:
         for result in consume_results(connection, topology, timeout=0.5,
                                       idle_timeout=timeout):
+            if result.status == HELD:  # interim: its final outcome follows, same result_id
+                continue
             if result.result_id not in outcomes:  # a redelivery is dropped by its id
                 outcomes[result.result_id] = result
                 bar.update(1)
@@ -383,18 +388,41 @@ def _require_durable() -> None:
 
 
 @cli.command()
-@click.argument("references", nargs=-1, required=True)
-def settle(references: tuple[str, ...]) -> None:
+@click.argument("references", nargs=-1)
+@click.option("--all", "every", is_flag=True,
+              help="Every unsettled intent ('fulfilment unsettled' lists them).")
+@click.option("--batch", "batch_id", default=None, help="The unsettled intents of this batch.")
+def settle(references: tuple[str, ...], every: bool, batch_id: str | None) -> None:
     """Settle unsettled purchases: read each order now and publish its final outcome.
 
     A purchase is unsettled when a confirm was sent and Onebox could not say by
-    the deadline whether it went through. Exit code 1 while any stays unsettled.
+    the deadline whether it went through. Celery beat reads each again by itself
+    (FULFILMENT_SETTLE_FIRST, doubling to an hour, for FULFILMENT_SETTLE_FOR);
+    this reads them now. Name references, or --all, or --batch ID. Exit code 1
+    while any stays unsettled.
     """
-    from fulfilment import flow
+    from fulfilment import settlement
     from fulfilment.lookup import REFERENCE, REFERENCE_RULE
     from tasks import runtime
 
-    open_ones = 0
+    if sum((bool(references), every, batch_id is not None)) != 1:
+        raise click.UsageError("name references, or --all, or --batch ID (one of them)")
+    if batch_id is not None and not BATCH_ID.fullmatch(batch_id):
+        raise click.BadParameter("a batch id is 1-64 of A-Z a-z 0-9 . _ : -",
+                                 param_hint="--batch")
+    services = runtime.services()
+    index = settlement.index_for(services)
+    if not references:
+        try:
+            references = tuple(u.reference for u in index.all(batch=batch_id))
+        except redis.RedisError as exc:
+            raise click.ClickException(
+                f"cannot read the ledger at {mask_url(services.settings.redis_url)}: "
+                f"{type(exc).__name__}") from None
+        if not references:
+            click.echo("no unsettled intents" + (f" in batch {batch_id}" if batch_id else ""))
+            return
+    open_ones = settled = 0
     for reference in references:
         if not REFERENCE.fullmatch(reference):
             click.echo(f"{reference!r}: not settled: not a reference ({REFERENCE_RULE})",
@@ -402,27 +430,41 @@ def settle(references: tuple[str, ...]) -> None:
             open_ones += 1
             continue
         try:
-            outcome = flow.settle(runtime.services(), reference)
+            checked = settlement.check(services, reference, index)
         except FulfilmentError as exc:
             click.echo(f"{reference}: not settled: {exc.message}", err=True)
             open_ones += 1
             continue
         except redis.RedisError as exc:
             raise click.ClickException(
-                f"cannot reach the ledger at {mask_url(runtime.services().settings.redis_url)}: "
+                f"cannot reach the ledger at {mask_url(services.settings.redis_url)}: "
                 f"{type(exc).__name__}; nothing settled from {reference} on") from None
-        if outcome is None:
-            click.echo(f"{reference}: no outcome yet (the purchase is still running)")
-        elif outcome.status == "confirmed":
-            click.echo(f"{reference}: confirmed, order code {outcome.order_code}")
-        elif outcome.status == "failed":
-            click.echo(f"{reference}: failed, {outcome.error.code if outcome.error else '?'}")
-        else:
-            click.echo(f"{reference}: still unsettled: Onebox cannot tell yet (order code "
-                       f"{outcome.order_code or '?'})")
-            open_ones += 1
+        line, state = _settled_line(checked)
+        click.echo(line, err=checked.gone)
+        settled += state == "settled"
+        open_ones += state == "open"
+    if len(references) > 1:
+        click.echo(f"{len(references)} intents: {settled} settled, {open_ones} not")
     if open_ones:
         raise SystemExit(1)
+
+
+def _settled_line(checked: Checked) -> tuple[str, str]:
+    """What became of one intent ``settle`` read (``settlement.Checked``): the line to
+    print, and ``settled``, ``open`` (still unsettled, or unknown) or ``running``."""
+    reference, outcome = checked.reference, checked.outcome
+    if checked.gone:
+        return (f"{reference}: unknown (no ledger entry: never admitted, or past "
+                "FULFILMENT_LEDGER_RETENTION)", "open")
+    if outcome is None:
+        return f"{reference}: no outcome yet (the purchase is still running)", "running"
+    if outcome.status == "confirmed":
+        return f"{reference}: confirmed, order code {outcome.order_code}", "settled"
+    if outcome.status == "failed":
+        return (f"{reference}: failed, {outcome.error.code if outcome.error else '?'}",
+                "settled")
+    return (f"{reference}: still unsettled: Onebox cannot tell yet (order code "
+            f"{outcome.order_code or '?'}; {checked.answer or 'not read'})", "open")
 
 
 @cli.command()

@@ -1,11 +1,12 @@
-"""Periodic work, run by celery beat: the recovery sweep and the Redis-list intake; and the
-dispatches owed, sent again by a worker as soon as it has the broker back."""
+"""Periodic work, run by celery beat: the recovery sweep, the Redis-list intake and the
+unsettled intents' reads; and the dispatches owed, sent again by a worker as soon as it has
+the broker back."""
 
 from __future__ import annotations
 
 import re
 
-from fulfilment import recovery
+from fulfilment import recovery, settlement
 from fulfilment.intake import Intake
 from fulfilment.intake_queue import QueueIntake
 from fulfilment.keys import Keys
@@ -23,6 +24,12 @@ def sweep() -> int:
     # Owed dispatches first: each claim records progress, so the sweep leaves them be.
     resend_owed()
     return len(recovery.sweep(runtime.services(), resume))
+
+
+@app.task(name="fulfilment.maintenance.settle_unsettled", ignore_result=True)
+def settle_unsettled() -> int:
+    """Read again the unsettled intents whose next read is due (``fulfilment.settlement``)."""
+    return sum(checked.settled for checked in settlement.settle_due(runtime.services()))
 
 
 @app.task(name="fulfilment.maintenance.dispatch_owed", ignore_result=True, acks_late=True,

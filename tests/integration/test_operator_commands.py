@@ -64,7 +64,8 @@ def test_health_reports_a_stalled_intake_and_a_stuck_intent_until_beat_runs(
     checks = report["checks"]
     assert report["status"] == "degraded"
     assert {name: checks[name]["status"] for name in checks} == {
-        "redis": "ok", "broker": "ok", "onebox": "ok", "stuck": "degraded", "intake": "degraded"}
+        "redis": "ok", "broker": "ok", "onebox": "ok", "stuck": "degraded", "intake": "degraded",
+        "unsettled": "ok"}
     assert checks["stuck"]["stuck"] == 1 and checks["stuck"]["oldest"][0]["reference"] == "stuck-1"
     assert checks["intake"]["last_drained_at"] is None
     assert set(checks["broker"]["queues"]) == {"purchase", "live", "continue", "maintenance",
