@@ -104,6 +104,14 @@ class PermanentError(FulfilmentError):
     default_code = "PERMANENT"
 
 
+class AlreadyRefundedError(PermanentError):
+    """Onebox refused a refund because an item named is already REFUNDED (its 409
+    ``PRODUCT_STATE_INVALID``): nothing was done now, and for a repeated refund that
+    is success. ``status`` and ``trace_id`` are the 409's."""
+
+    default_code = "ALREADY_REFUNDED"
+
+
 class OutcomeUnknownError(FulfilmentError):
     """The request may have been done by the server: reconcile before acting."""
 

@@ -55,6 +55,23 @@ class Keys:
         """String with expiry: which worker is acting on an intent now."""
         return self.intent_key(reference, "lease")
 
+    # --- refunds (fulfilment.refunds) -----------------------------------------------
+    def refund(self, refund_id: str) -> str:
+        """Hash: where one refund stands. The id sits in braces, as a reference does, so
+        no id (``open``, ``x:lease``) names another refund's key or the open set."""
+        if "{" in refund_id or "}" in refund_id:
+            raise ValueError("a refund id cannot hold braces")
+        return f"{self.prefix}:refund:{{{refund_id}}}"
+
+    def refund_lease(self, refund_id: str) -> str:
+        """String with expiry: which worker is acting on a refund now."""
+        return f"{self.refund(refund_id)}:lease"
+
+    @property
+    def open_refunds(self) -> str:
+        """Sorted set: refund ids without a published outcome, scored by last progress."""
+        return f"{self.prefix}:refund:open"
+
     # --- batches: counters kept by the ledger's scripts ----------------------------
     def batch(self, batch_id: str) -> str:
         """Hash: how many of a batch's intents were admitted, and how many ended how."""
@@ -197,6 +214,11 @@ class Keys:
     @property
     def results_queue(self) -> str:
         return f"{self.prefix}.results"
+
+    @property
+    def refunds_queue(self) -> str:
+        """Refund outcomes (``refund.#`` on the results exchange), kept until read."""
+        return f"{self.prefix}.refunds"
 
     @property
     def failures_queue(self) -> str:

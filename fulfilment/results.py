@@ -21,7 +21,8 @@ from kombu.pools import producers
 from marshmallow import ValidationError
 
 from fulfilment.outage import BrokerOutage
-from fulfilment.topology import FAILURE_KEY, Topology, routing_key_for
+from fulfilment.topology import FAILURE_KEY, Topology, refund_routing_key, routing_key_for
+from schemas.refund import RefundResult, dump_refund_result, load_refund_result
 from schemas.result import OrderResult, dump_result, load_result
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,14 @@ class ResultPublisher:
                    self._topology.results_queue, headers={"result_id": result.result_id,
                                                           "reference": result.reference})
         log.info("published %s result %s", result.status, result.result_id)
+
+    def publish_refund(self, result: RefundResult) -> None:
+        """A refund's outcome: ``refund.refunded`` or ``refund.failed`` on the results exchange."""
+        body = dump_refund_result(result)
+        self._send(body, self._topology.results_exchange, refund_routing_key(result.status),
+                   self._topology.refunds_queue, headers={"result_id": result.result_id,
+                                                          "refund_id": result.refund_id})
+        log.info("published %s refund result %s", result.status, result.result_id)
 
     def publish_failure(self, reason: str, errors: Any, payload: str | bytes | None) -> None:
         """A message that could not be taken in: its reason and the raw payload.
@@ -104,6 +113,20 @@ def consume_results(connection: Connection, topology: Topology, *, timeout: floa
 
     yield from _consume(connection, topology.results_queue, load_result, timeout, idle_timeout,
                         limit=limit, unreadable=unreadable)
+
+
+def consume_refund_results(connection: Connection, topology: Topology, *,
+                           timeout: float = 1.0, idle_timeout: float | None = None,
+                           limit: int | None = None) -> Iterator[RefundResult]:
+    """Yield refund outcomes from the refunds queue, as ``consume_results`` does results."""
+    publisher = ResultPublisher(connection, topology)
+
+    def unreadable(raw: str | None, exc: Exception) -> None:
+        publisher.publish_failure(
+            f"unreadable message on the refunds queue: {type(exc).__name__}", {}, raw)
+
+    yield from _consume(connection, topology.refunds_queue, load_refund_result, timeout,
+                        idle_timeout, limit=limit, unreadable=unreadable)
 
 
 def consume_failures(connection: Connection, topology: Topology, *, timeout: float = 1.0,

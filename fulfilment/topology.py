@@ -43,6 +43,8 @@ CONFIRMED_KEY = f"{RESULT_KEY_PREFIX}confirmed"
 FAILED_KEY = f"{RESULT_KEY_PREFIX}failed"
 UNSETTLED_KEY = f"{RESULT_KEY_PREFIX}unsettled"
 FAILURE_KEY = "failure"
+#: Refund outcomes: ``refund.refunded`` and ``refund.failed``, on the results exchange.
+REFUND_KEY_PREFIX = "refund."
 #: The queue type of every queue of ours on RabbitMQ (``x-queue-type``).
 QUORUM = {"x-queue-type": "quorum"}
 
@@ -64,6 +66,9 @@ class Topology:
     maintenance_queue: Queue
     #: Plain JSON intents from any AMQP client, taken in by the drain (``fulfilment.intake``).
     intake_queue: Queue
+    #: Refund outcomes (``refund.#`` on the results exchange): apart from purchase results,
+    #: whose consumers read every message there as an order result.
+    refunds_queue: Queue
 
     @classmethod
     def for_keys(cls, keys: Keys, broker_url: str = "") -> Topology:
@@ -94,13 +99,15 @@ class Topology:
                                                            durable=True),
                                routing_key=keys.intake_queue, durable=True,
                                queue_arguments=arguments),
+            refunds_queue=Queue(keys.refunds_queue, results, routing_key=f"{REFUND_KEY_PREFIX}#",
+                                durable=True, queue_arguments=arguments),
         )
 
     @property
     def queues(self) -> tuple[Queue, ...]:
         """Every queue of the deployment (what an operator or a test cleans up)."""
         return (self.task_queue, self.continue_queue, self.live_queue, self.maintenance_queue,
-                self.results_queue, self.failures_queue, self.intake_queue)
+                self.results_queue, self.failures_queue, self.intake_queue, self.refunds_queue)
 
     @property
     def consumed(self) -> tuple[Queue, ...]:
@@ -112,6 +119,11 @@ class Topology:
 def routing_key_for(status: str) -> str:
     """``result.<status>``: a consumer binds to exactly the outcomes it wants."""
     return f"{RESULT_KEY_PREFIX}{status}"
+
+
+def refund_routing_key(status: str) -> str:
+    """``refund.refunded`` or ``refund.failed``."""
+    return f"{REFUND_KEY_PREFIX}{status}"
 
 
 def control_names(prefix: str) -> dict[str, str]:

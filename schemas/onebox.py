@@ -19,12 +19,14 @@ from marshmallow import EXCLUDE, Schema, fields, post_load, validate
 from schemas._fields import StrictInteger, Text
 
 __all__ = [
-    "ORDER_STATUSES", "AccessToken", "ApiError", "Order", "OrderItem", "load_api_error",
-    "load_order", "load_token",
+    "ITEM_REFUNDED", "ORDER_STATUSES", "AccessToken", "ApiError", "Order", "OrderItem",
+    "load_api_error", "load_order", "load_token",
 ]
 
 #: The statuses the distribution API documents, in the order an order goes through them.
 ORDER_STATUSES = ("BASKET", "PRE_CONFIRM", "CONFIRM")
+#: An item's ``state`` once refunded (orders-management API); the order stays ``CONFIRM``.
+ITEM_REFUNDED = "REFUNDED"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,16 @@ class Order:
     external_code: str | None = None
     items: tuple[OrderItem, ...] = ()
     expires_at: datetime | None = None
+
+    def refunded(self, item_ids: tuple[int, ...] | None = None) -> bool:
+        """Whether these items (None or empty: every item) all read ``REFUNDED``.
+
+        An order without items proves nothing: False. An item id the order does
+        not hold is not refunded.
+        """
+        states = {item.id: item.state for item in self.items}
+        wanted = item_ids or tuple(states)
+        return bool(wanted) and all(states.get(item_id) == ITEM_REFUNDED for item_id in wanted)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                                          "routing_key": keys.maintenance_queue},
             **{f"fulfilment.{name}": {"queue": keys.continue_queue,
                                       "routing_key": keys.continue_queue}
-               for name in ("pre_confirm", "confirm", "publish")},
+               for name in ("pre_confirm", "confirm", "publish", "refund")},
         },
         "beat_schedule": {
             "recovery-sweep": {"task": "fulfilment.maintenance.sweep",
@@ -141,7 +141,7 @@ def configure(settings: Settings) -> None:
 
 app = FulfilmentCelery("fulfilment",
                        include=["tasks.purchase", "tasks.maintenance", "tasks.metrics",
-                                "tasks.stops"])
+                                "tasks.stops", "tasks.refunds"])
 # A bad setting stops `celery` here with one line (exit 78); elsewhere (the
 # `fulfilment` CLI, a producer) it is raised when the app's configuration is read.
 _import_settings = settings_at_import()

@@ -38,6 +38,8 @@ FLOW = "tests/unit/test_flow.py"
 ECHO = "tests/integration/test_onebox_echo.py::test_an_error_echoing_the_buyer_holds_none_of_it"
 LOGS = "tests/integration/test_log_redaction.py::test_no_secret_or_buyer_data_in_any_log"
 LEDGER = "tests/integration/test_ledger_scripts.py"
+REFUNDS = "tests/unit/test_refunds.py"
+REFUNDS_E2E = "tests/integration/test_refunds_e2e.py"
 CONTENTION = ("tests/integration/test_lease_contention.py::"
               "test_a_stale_holder_cannot_buy_the_intent_a_second_time")
 
@@ -107,6 +109,24 @@ BREAKAGES = (
     Breakage("ledger-finish-idempotence", "an intent's outcome is written once",
              "fulfilment/ledger.py", r"^if existing then return existing end\n", "",
              (f"{LEDGER}::test_an_outcome_is_written_once_and_counted_once",)),
+    Breakage("refund-read-back", "a refund whose answer was lost is read back, not resent",
+             "fulfilment/refunds.py",
+             r"if entry\.state == SENT:(\n\s+# A refund may have been done)", r"if False:\1",
+             (f"{REFUNDS}::test_a_lost_answer_is_read_back_and_never_sent_again",
+              f"{REFUNDS_E2E}::test_a_refund_whose_answer_is_lost_is_read_back_and_refunds_once")),
+    Breakage("refund-mark-after-send", "a refund that may have gone out is marked sent first",
+             "fulfilment/refunds.py",
+             r"^(?P<indent>[ ]+)with before_send\(mark_sent\):\n"
+             r"[ ]+(?P<call>order = self\.client\.refund\([^\n]*\n)",
+             r"\g<indent>if True:\n\g<indent>    \g<call>\g<indent>    mark_sent()\n",
+             (f"{REFUNDS}::test_a_lost_answer_is_read_back_and_never_sent_again",
+              f"{REFUNDS_E2E}::test_a_refund_whose_answer_is_lost_is_read_back_and_refunds_once")),
+    Breakage("refund-409-is-success", "a refund of an item refunded already is success",
+             "fulfilment/onebox/client.py",
+             r"if exc\.status != 409 or exc\.code != PRODUCT_STATE_INVALID:", "if True:",
+             ("tests/unit/test_sandbox_refunds.py::"
+              "test_a_refund_puts_the_seats_back_on_sale_and_reads_back",
+              f"{REFUNDS_E2E}::test_a_refund_asked_for_twice_is_one_refund")),
 )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import redis
 import requests
@@ -22,7 +23,12 @@ from requests.adapters import HTTPAdapter
 
 from fulfilment.clock import RedisClock
 from fulfilment.config import Settings
-from fulfilment.errors import OutcomeUnknownError, TransientError
+from fulfilment.errors import (
+    AlreadyRefundedError,
+    OutcomeUnknownError,
+    PermanentError,
+    TransientError,
+)
 from fulfilment.logcontext import bound
 from fulfilment.onebox.auth import AUTH_RETRY_AFTER, AuthRefusedError, TokenProvider
 from fulfilment.onebox.guard import OneboxGuard, guarded
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 DISTRIBUTION = "/distribution-api/v1"
 ORDERS_MGMT = "/orders-mgmt-api/v1"
 ORDER_HEADER = "ob-order-id"
+#: Onebox's answer to a refund naming an item that is already REFUNDED.
+PRODUCT_STATE_INVALID = "PRODUCT_STATE_INVALID"
 #: Connections kept per host: one per worker thread is plenty.
 POOL_SIZE = 16
 
@@ -109,6 +117,27 @@ class OneboxClient:
     def get_order(self, code: str) -> Order:
         """Read an order by its code (orders-management API): how unknowns are settled."""
         return self._order("GET", "get_order", f"{ORDERS_MGMT}/orders/{code}")
+
+    def refund(self, code: str, item_ids: Sequence[int] | None = None, *,
+               surcharges: bool = True) -> Order:
+        """Refund items of a confirmed order (None or empty: all of them), orders-management API.
+
+        Not safe to repeat blindly: on ``OutcomeUnknownError`` read the order by
+        code and look at its items' states. A 409 ``PRODUCT_STATE_INVALID`` (an
+        item named is already refunded) is ``AlreadyRefundedError``.
+        """
+        body: dict[str, Any] = {"type": "MANUAL", "include_channel_surcharges": surcharges,
+                                "include_promoter_surcharges": surcharges}
+        if item_ids:
+            body["items"] = [{"id": item_id} for item_id in item_ids]
+        try:
+            return self._order("POST", "refund", f"{ORDERS_MGMT}/orders/{quote(code, safe='')}"
+                               "/refund", json=body)
+        except PermanentError as exc:
+            if exc.status != 409 or exc.code != PRODUCT_STATE_INVALID:
+                raise
+            raise AlreadyRefundedError(exc.message, status=exc.status, trace_id=exc.trace_id,
+                                       step="refund") from None
 
     # --- plumbing ---------------------------------------------------------------
     def _order(self, method: str, step: str, path: str, *, order_id: str | None = None,

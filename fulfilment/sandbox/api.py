@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 DIST = "/distribution-api/v1"
 GET_ORDER_PREFIX = "/orders-mgmt-api/v1/orders/"
+REFUND_SUFFIX = "/refund"
+#: The one refund type the contract names.
+REFUND_TYPE = "MANUAL"
+#: The surcharge flags a refund may carry (booleans; what they change is not public).
+REFUND_FLAGS = ("include_channel_surcharges", "include_promoter_surcharges")
 CONTROL = "/__sandbox"
 CLIENT_ID = "seller-channel-client"
 #: The settings ``/__sandbox/config`` takes besides the ``Behaviour`` switches.
@@ -193,6 +198,7 @@ class SandboxApp:
             f"{DIST}/orders/confirm": {"POST": Route("confirm", self._confirm)},
         }
         self._get_order_routes = {"GET": Route("get_order", self._get_order)}
+        self._refund_routes = {"POST": Route("refund", self._refund)}
         control: dict[str, dict[str, Callable[[Request], dict[str, Any]]]] = {
             "/health": {"GET": lambda _: {"ok": True}},
             "/audit": {"GET": self._audit},
@@ -212,7 +218,8 @@ class SandboxApp:
         path = request.path
         routes = self._routes.get(path)
         if routes is None and path.startswith(GET_ORDER_PREFIX):
-            routes = self._get_order_routes
+            routes = (self._refund_routes if path.endswith(REFUND_SUFFIX)
+                      else self._get_order_routes)
         if routes is None:
             return self._control_call(request)
         route = routes.get(request.method)
@@ -485,6 +492,31 @@ class SandboxApp:
                            "the channel may not use the orders-management API")
         code = unquote(request.path[len(GET_ORDER_PREFIX):])
         return self.state.read_by_code(code)
+
+    def _refund(self, request: Request) -> dict[str, Any]:
+        """``POST /orders-mgmt-api/v1/orders/{code}/refund``: answers the order as it now stands.
+
+        Body: ``type`` (``MANUAL``), ``items`` (``[{"id": N}, ...]``; absent or empty:
+        every item) and the optional surcharge flags. The rules are ``SandboxState.refund``.
+        """
+        data = _json_body(request, empty_ok=False)
+        code = unquote(request.path[len(GET_ORDER_PREFIX):-len(REFUND_SUFFIX)])
+        if _required(data, "type") != REFUND_TYPE:
+            raise ApiError(400, "DIST0005", f"type must be {REFUND_TYPE}")
+        for flag in REFUND_FLAGS:
+            if data.get(flag) is not None and not isinstance(data[flag], bool):
+                raise ApiError(400, "DIST0005", f"{flag} must be true or false")
+        raw_items = data.get("items")
+        if raw_items is not None and not isinstance(raw_items, list):
+            raise ApiError(400, "DIST0005", "items must be a list")
+        item_ids = []
+        for raw in raw_items or ():
+            if not isinstance(raw, dict):
+                raise ApiError(400, "DIST0005", "each item must be an object")
+            item_ids.append(_int(_required(raw, "id"), "id"))
+        order = self.state.order_by_code(code)
+        self.state.refund(order, item_ids)
+        return self.state.render(order)
 
     # -- control endpoints -----------------------------------------------------
 

@@ -72,6 +72,9 @@ class Behaviour:
     missing_rate_id: Literal["first_rate", "required"] = "first_rate"
     #: The HTTP status of ORDER_SEAT_NOT_AVAILABLE.
     seat_unavailable_status: Literal[409, 400] = 409
+    #: A refund naming an item already REFUNDED: 409 PRODUCT_STATE_INVALID (what the
+    #: public documentation says), or refunded again (the audit's ``refunded_twice``).
+    repeat_refund: Literal["conflict", "again"] = "conflict"
 
     # -- validation ----------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 #: Every endpoint name a plan may configure (as in docs/sandbox.md), plus "*".
 ENDPOINTS = ("token", "create", "seats", "seats_auto", "buyer_data", "pre_confirm",
-             "confirm", "release", "get_order")
+             "confirm", "release", "get_order", "refund")
 #: What a script entry may say.
 OUTCOMES = ("ok", "error_500", "error_503", "throttle_429", "lost_response", "slow_after",
             "late", "error_401", "error_403")

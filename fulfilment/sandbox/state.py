@@ -33,6 +33,11 @@ CONFIRM = "CONFIRM"
 EXPIRED = "EXPIRED"
 STATUSES = (BASKET, PRE_CONFIRM, CONFIRM)
 
+#: An item's state once refunded (orders-management API).
+REFUNDED = "REFUNDED"
+#: The ``ob-action`` of a refund, as Onebox's webhooks name it.
+REFUND_ACTION = "REFUND"
+
 #: What a status check guards (see ``SandboxState.check_status``).
 ADD, PRE_CONFIRM_CALL, CONFIRM_CALL, RELEASE = "add", "pre_confirm", "confirm", "release"
 
@@ -181,6 +186,16 @@ class SessionStock:
         self.sold[seat_id] = order_id
         return True
 
+    def unsell(self, item: Item) -> None:
+        """A refunded item: its seats or places go back on sale."""
+        if item.seat_id is None:
+            self.cap_sold[item.price_type_id] -= item.places
+            return
+        free = self._free[item.price_type_id]
+        for seat_id in (item.seat_id, *item.extra_seats):
+            self.sold.pop(seat_id, None)
+            heapq.heappush(free, seat_id)
+
     def inventory(self) -> dict[str, Any]:
         """Every seat's state and every price type's place counts."""
         seats = {
@@ -233,6 +248,9 @@ class SandboxState:
         self._rng = rng or random.Random()
         self._iso = _IsoClock()
         self._lag = 0.0
+        #: Called with (order, action) after a change Onebox would send a webhook for
+        #: (``REFUND_ACTION``). Wiring, not state: ``reset`` keeps them.
+        self.listeners: list[Callable[[Order, str], None]] = []
         self.reset()
         self.behaviour = behaviour
 
@@ -264,6 +282,7 @@ class SandboxState:
         self._new_code = behaviour.code_after_basket == "new"
         self._ignore_unknown = behaviour.release_unknown_items == "ignore"
         self._confirmed_only = behaviour.orders_mgmt_scope == "confirmed"
+        self._refund_again = behaviour.repeat_refund == "again"
 
     def reset(self) -> None:
         """Forget every order, hold and sale; keep the catalogue and settings."""
@@ -281,6 +300,10 @@ class SandboxState:
         #: Non-final orders holding seats of each session, now and at most so far.
         self._open_by_session: dict[int, int] = {}
         self._peak_by_session: dict[int, int] = {}
+        #: Refund calls that refunded something; item refunds by order code and item id.
+        self._refunds = 0
+        self._refunded: dict[str, dict[int, int]] = {}
+        self._refund_conflicts = 0
 
     # -- lookup and expiry -------------------------------------------------
 
@@ -589,6 +612,39 @@ class SandboxState:
         if self._lag:
             self._changed(order)
 
+    def refund(self, order: Order, item_ids: Sequence[int] | None) -> None:
+        """Refund items of a confirmed order (None or empty: every item); all or none.
+
+        A refunded item's seats go back on sale. Naming an item that is already
+        REFUNDED is 409 ``PRODUCT_STATE_INVALID`` and refunds nothing, unless
+        ``repeat_refund`` is ``again``: then it is refunded once more (the audit's
+        ``refunded_twice``), as an API without that check would.
+        """
+        if order.status != CONFIRM:
+            raise ApiError(409, "ORDER_STATE_INVALID",
+                           f"cannot refund an order in status {order.status}")
+        ids = list(dict.fromkeys(item_ids)) if item_ids else list(order.items)
+        unknown = [item_id for item_id in ids if item_id not in order.items]
+        if unknown:
+            raise _invalid(f"items {unknown} are not in the order")
+        done = [item_id for item_id in ids if order.items[item_id].doc["state"] == REFUNDED]
+        if done and not self._refund_again:
+            self._refund_conflicts += 1
+            raise ApiError(409, "PRODUCT_STATE_INVALID", f"items {done} are already refunded")
+        assert order.code is not None
+        counts = self._refunded.setdefault(order.code, {})
+        for item_id in ids:
+            item = order.items[item_id]
+            if item.doc["state"] != REFUNDED:
+                self._stock[item.session_id].unsell(item)
+                item.doc["state"] = REFUNDED
+            counts[item_id] = counts.get(item_id, 0) + 1
+        self._refunds += 1
+        if self._lag:
+            self._changed(order)
+        for listener in list(self.listeners):
+            listener(order, REFUND_ACTION)
+
     def _holds(self, order: Order, session_id: int, change: int) -> None:
         """Count ``change`` items of a session in a non-final order (the audit's
         ``open_orders_by_session`` and its peak: a session cap seen from Onebox's side)."""
@@ -656,6 +712,12 @@ class SandboxState:
                                        if n},
             "peak_open_orders_by_session": {str(sid): n
                                             for sid, n in self._peak_by_session.items()},
+            "refunds": self._refunds,
+            "refunded": {code: {str(item_id): n for item_id, n in items.items()}
+                         for code, items in self._refunded.items()},
+            "refunded_twice": sum(n - 1 for items in self._refunded.values()
+                                  for n in items.values() if n > 1),
+            "refund_conflicts": self._refund_conflicts,
         }
 
     def inventory(self, session_id: int) -> dict[str, Any]:
