@@ -2,7 +2,10 @@
 
 Results go to a durable topic exchange with routing key ``result.confirmed`` or
 ``result.failed``; the results queue takes both (``result.#``), and a consumer
-that only wants failures binds its own queue to ``result.failed``. Messages
+that only wants failures binds its own queue to ``result.failed``. After-sale
+events (``schemas.aftersale``: refunds and cancellations Onebox told us of by
+webhook) go to the same exchange as ``aftersale.refund`` and ``aftersale.cancel``,
+and to their own queue (``aftersale.#``), so a results consumer never sees one. Messages
 that could not be taken in at all (invalid payloads found on a queue) go to the
 failures queue with their reason.
 
@@ -33,6 +36,8 @@ from kombu import Exchange, Queue
 from fulfilment.keys import Keys
 
 CONFIRMED_KEY = "result.confirmed"
+#: The after-sale queue's binding: ``aftersale.refund`` and ``aftersale.cancel``.
+AFTERSALE_PATTERN = "aftersale.#"
 FAILED_KEY = "result.failed"
 FAILURE_KEY = "failure"
 #: The queue type of every queue of ours on RabbitMQ (``x-queue-type``).
@@ -48,6 +53,8 @@ def is_amqp(broker_url: str) -> bool:
 class Topology:
     results_exchange: Exchange
     results_queue: Queue
+    #: After-sale events for the shop, on the results exchange (``aftersale.#``).
+    aftersale_queue: Queue
     failures_exchange: Exchange
     failures_queue: Queue
     task_queue: Queue
@@ -75,6 +82,8 @@ class Topology:
             results_exchange=results,
             results_queue=Queue(keys.results_queue, results, routing_key="result.#",
                                 durable=True, queue_arguments=arguments),
+            aftersale_queue=Queue(keys.aftersale_queue, results, routing_key=AFTERSALE_PATTERN,
+                                  durable=True, queue_arguments=arguments),
             failures_exchange=failures,
             failures_queue=Queue(keys.failures_queue, failures, routing_key=FAILURE_KEY,
                                  durable=True, queue_arguments=arguments),
@@ -92,7 +101,7 @@ class Topology:
     def queues(self) -> tuple[Queue, ...]:
         """Every queue of the deployment (what an operator or a test cleans up)."""
         return (self.task_queue, self.continue_queue, self.live_queue, self.maintenance_queue,
-                self.results_queue, self.failures_queue, self.intake_queue)
+                self.results_queue, self.failures_queue, self.intake_queue, self.aftersale_queue)
 
     @property
     def consumed(self) -> tuple[Queue, ...]:

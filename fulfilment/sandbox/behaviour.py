@@ -72,6 +72,8 @@ class Behaviour:
     missing_rate_id: Literal["first_rate", "required"] = "first_rate"
     #: The HTTP status of ORDER_SEAT_NOT_AVAILABLE.
     seat_unavailable_status: Literal[409, 400] = 409
+    #: How the webhooks' ``ob-signature`` is computed (``fulfilment.webhooks.signature``).
+    webhook_signature: Literal["hmac-sha256", "hmac-sha256-base64", "none"] = "hmac-sha256"
 
     # -- validation ----------------------------------------------------------
 

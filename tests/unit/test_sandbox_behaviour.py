@@ -79,6 +79,7 @@ def test_defaults_are_todays_choices() -> None:
         "check_order": "fields_first", "change_pre_confirmed": "refuse",
         "code_after_basket": "kept", "release_unknown_items": "refuse",
         "missing_rate_id": "first_rate", "seat_unavailable_status": 409,
+        "webhook_signature": "hmac-sha256",
     }
     assert SandboxOptions().behaviour == DEFAULT
 
