@@ -182,6 +182,33 @@ def _traces(raw: str) -> str:
     return value
 
 
+#: How ``ob-signature`` is checked (``fulfilment.webhooks.signature``): Onebox does not say.
+WEBHOOK_SIGNATURES = ("hmac-sha256", "hmac-sha256-base64", "none")
+
+
+def _webhook_signature(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in WEBHOOK_SIGNATURES:
+        raise ValueError(f"must be one of {', '.join(WEBHOOK_SIGNATURES)}")
+    return value
+
+
+def _host_port(raw: str) -> str:
+    """``HOST:PORT`` to listen on (``[::1]:9660`` for IPv6); the port may be 0 (any free)."""
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError("must be HOST:PORT, such as 0.0.0.0:9660 or 127.0.0.1:9660")
+    _port(port)
+    listen = _listen_address(host)
+    return f"[{listen}]:{int(port)}" if ":" in listen else f"{listen}:{int(port)}"
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``FULFILMENT_WEBHOOKS_ADDRESS`` as (host, port); IPv6 brackets dropped."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -334,6 +361,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_METRICS_ADDRESS", "metrics_address", "0.0.0.0",  # noqa: S104
             "Address the metrics port listens on (`127.0.0.1`: this machine only).",
             _listen_address),
+    # --- Onebox's webhooks (fulfilment.webhooks, `fulfilment webhooks`) -----------
+    # Onebox calls in from outside: the receiver sits behind the TLS proxy that faces it.
+    Setting("FULFILMENT_WEBHOOKS_ADDRESS", "webhooks_address", "0.0.0.0:9660",
+            "`HOST:PORT` the `fulfilment webhooks` receiver listens on (plain HTTP: put a "
+            "TLS-terminating proxy in front of it for Onebox). `127.0.0.1:9660`: this "
+            "machine only.", _host_port),
+    Setting("FULFILMENT_WEBHOOK_SECRET", "webhook_secret", "",
+            "The secret Onebox's webhooks are signed with (`ob-signature`); required by "
+            "`fulfilment webhooks` unless `FULFILMENT_WEBHOOK_SIGNATURE` is `none`. Secret: "
+            "never logged or shown. Or `FULFILMENT_WEBHOOK_SECRET_FILE`: a file holding it.",
+            secret=True, from_file=True),
+    Setting("FULFILMENT_WEBHOOK_SIGNATURE", "webhook_signature", "hmac-sha256",
+            "How `ob-signature` is checked (Onebox does not publish it): `hmac-sha256` (hex "
+            "HMAC-SHA256 of the raw body with the secret, an optional `sha256=` prefix "
+            "accepted), `hmac-sha256-base64` (the same digest in base64) or `none` (no check: "
+            "refused unless `ONEBOX_API_URL` is a plain-http sandbox).", _webhook_signature),
     # --- Logs ------------------------------------------------------------------
     Setting("FULFILMENT_LOG_FORMAT", "log_format", "text",
             "`text`: one line per event with reference, order id, step, attempt and Onebox "
@@ -389,6 +432,9 @@ class Settings:
     release_interval: float
     metrics_port: int
     metrics_address: str
+    webhooks_address: str
+    webhook_secret: str = field(repr=False)
+    webhook_signature: str
     log_format: str
     traces: str
 
@@ -429,6 +475,11 @@ class Settings:
                     f"{host!r} to ONEBOX_PLAIN_HTTP_HOSTS if it is a sandbox on a private network")
 
         self._validate_sandbox_key()
+        if self.webhook_signature == "none" and not self.onebox_api_url.startswith("http://"):
+            raise ConfigError(
+                "FULFILMENT_WEBHOOK_SIGNATURE=none accepts any webhook unsigned, and "
+                f"ONEBOX_API_URL={self.onebox_api_url!r} is not a sandbox: set "
+                "FULFILMENT_WEBHOOK_SIGNATURE to the scheme Onebox signs with")
 
     def _validate_sandbox_key(self) -> None:
         """The sandbox's key is the default, for the sandbox only (always http://): with an

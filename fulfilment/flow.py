@@ -419,6 +419,7 @@ def _pre_confirm(services: Services, reference: str, until: float) -> None:
                                       code="MALFORMED_RESPONSE", step="pre_confirm")
         services.ledger.record(reference, code=order.code, item_ids=_item_ids(order), pending=None,
                                failures=0, **_expiry(services, order))
+        services.ledger.index_code(reference, order.code)
         log.info("order pre-confirmed, code %s", order.code)
 
 

@@ -182,6 +182,26 @@ class Keys:
         """
         return f"{self.prefix}:onebox:{{{scope}}}:{kind}"
 
+    # --- orders by code, and Onebox's webhooks (fulfilment.webhooks) ---------------
+    def order_code(self, code: str) -> str:
+        """String: the reference of the intent whose order has this Onebox code."""
+        return f"{self.prefix}:order:{code}"
+
+    def webhook_seen(self, code: str, action: str) -> str:
+        """String with expiry: a webhook for (order code, action) was handed to a task.
+
+        Not the delivery id: Onebox makes a new one for every attempt.
+        """
+        return f"{self.prefix}:webhook:seen:{action}:{code}"
+
+    def aftersale_published(self, code: str, action: str) -> str:
+        """String with expiry: the after-sale event of (order code, action) is published."""
+        return f"{self.prefix}:aftersale:published:{action}:{code}"
+
+    def aftersale_lock(self, code: str, action: str) -> str:
+        """String with expiry: a worker is publishing that after-sale event now."""
+        return f"{self.prefix}:aftersale:lock:{action}:{code}"
+
     # --- broker names (queues and exchanges) -----------------------------------
     @property
     def task_queue(self) -> str:
@@ -219,6 +239,11 @@ class Keys:
     def refunds_queue(self) -> str:
         """Refund outcomes (``refund.#`` on the results exchange), kept until read."""
         return f"{self.prefix}.refunds"
+
+    @property
+    def aftersale_queue(self) -> str:
+        """After-sale events (refunds, cancellations made elsewhere) for the shop."""
+        return f"{self.prefix}.aftersale"
 
     @property
     def failures_queue(self) -> str:

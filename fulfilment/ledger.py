@@ -797,6 +797,17 @@ class Ledger:
             raise LeaseLostError(f"the lease on {reference} passed to another worker")
         return answer
 
+    def index_code(self, reference: str, code: str, ttl: int | None = None) -> None:
+        """Remember which intent an Onebox order code belongs to (webhooks name only the
+        code); kept ``ttl`` seconds, the ledger's retention by default."""
+        self.redis.set(self._keys.order_code(code), reference, ex=ttl or self._retention)
+
+    def reference_for_code(self, code: str) -> str | None:
+        """The intent whose order has this code, if this deployment made it (and recorded
+        its code) within the retention."""
+        found = self.redis.get(self._keys.order_code(code))
+        return text(found) if found is not None else None
+
     def stuck(self, older_than: float, limit: int = 500) -> list[str]:
         """References whose last progress is older than ``older_than`` (epoch seconds)."""
         found = self.redis.zrangebyscore(self._keys.open_intents, "-inf", older_than,

@@ -22,6 +22,12 @@ from marshmallow import ValidationError
 
 from fulfilment.outage import BrokerOutage
 from fulfilment.topology import FAILURE_KEY, Topology, refund_routing_key, routing_key_for
+from schemas.aftersale import (
+    AftersaleEvent,
+    dump_aftersale,
+    load_aftersale,
+    routing_key_for_action,
+)
 from schemas.refund import RefundResult, dump_refund_result, load_refund_result
 from schemas.result import OrderResult, dump_result, load_result
 
@@ -69,6 +75,13 @@ class ResultPublisher:
                    self._topology.refunds_queue, headers={"result_id": result.result_id,
                                                           "refund_id": result.refund_id})
         log.info("published %s refund result %s", result.status, result.result_id)
+
+    def publish_aftersale(self, event: AftersaleEvent) -> None:
+        """An after-sale event (``schemas.aftersale``) for the shop, on its own queue."""
+        self._send(dump_aftersale(event), self._topology.results_exchange,
+                   routing_key_for_action(event.action), self._topology.aftersale_queue,
+                   headers={"event_id": event.event_id, "order_code": event.order_code})
+        log.info("published after-sale %s of order %s", event.action, event.order_code)
 
     def publish_failure(self, reason: str, errors: Any, payload: str | bytes | None) -> None:
         """A message that could not be taken in: its reason and the raw payload.
@@ -143,6 +156,21 @@ def consume_failures(connection: Connection, topology: Topology, *, timeout: flo
 
     yield from _consume(connection, topology.failures_queue, _failure, timeout, idle_timeout,
                         limit=limit, unreadable=unreadable)
+
+
+def consume_aftersale(connection: Connection, topology: Topology, *, timeout: float = 1.0,
+                      idle_timeout: float | None = None,
+                      limit: int | None = None) -> Iterator[AftersaleEvent]:
+    """Yield after-sale events as ``consume_results`` yields results (same acknowledgement
+    rule); an unreadable one goes to the failures queue."""
+    publisher = ResultPublisher(connection, topology)
+
+    def unreadable(raw: str | None, exc: Exception) -> None:
+        publisher.publish_failure(
+            f"unreadable message on the after-sale queue: {type(exc).__name__}", {}, raw)
+
+    yield from _consume(connection, topology.aftersale_queue, load_aftersale, timeout,
+                        idle_timeout, limit=limit, unreadable=unreadable)
 
 
 def _failure(payload: Any) -> dict[str, Any]:

@@ -10,7 +10,11 @@ routes it acts on: ``result.failed`` for purchases that bought nothing (an
 and ``result.failed`` for final outcomes only (an unsettled intent's final one
 follows on them, with the same ``result_id``). Messages that could not be
 taken in at all (invalid payloads found on a queue) go to the failures queue
-with their reason.
+with their reason. After-sale events (``schemas.aftersale``: refunds and
+cancellations Onebox told us of by webhook) go to the same exchange as
+``aftersale.refund`` and ``aftersale.cancel``, and refund outcomes as
+``refund.refunded`` and ``refund.failed``, each to a queue of its own
+(``aftersale.#``, ``refund.#``), so a results consumer never sees one.
 
 Workers serve their queues in the order of ``Topology.consumed``: purchases
 under way (``continue``), then new live intents, then periodic work, then new
@@ -42,6 +46,8 @@ RESULT_KEY_PREFIX = "result."
 CONFIRMED_KEY = f"{RESULT_KEY_PREFIX}confirmed"
 FAILED_KEY = f"{RESULT_KEY_PREFIX}failed"
 UNSETTLED_KEY = f"{RESULT_KEY_PREFIX}unsettled"
+#: The after-sale queue's binding: ``aftersale.refund`` and ``aftersale.cancel``.
+AFTERSALE_PATTERN = "aftersale.#"
 FAILURE_KEY = "failure"
 #: Refund outcomes: ``refund.refunded`` and ``refund.failed``, on the results exchange.
 REFUND_KEY_PREFIX = "refund."
@@ -58,6 +64,8 @@ def is_amqp(broker_url: str) -> bool:
 class Topology:
     results_exchange: Exchange
     results_queue: Queue
+    #: After-sale events for the shop, on the results exchange (``aftersale.#``).
+    aftersale_queue: Queue
     failures_exchange: Exchange
     failures_queue: Queue
     task_queue: Queue
@@ -88,6 +96,8 @@ class Topology:
             results_exchange=results,
             results_queue=Queue(keys.results_queue, results, routing_key="result.#",
                                 durable=True, queue_arguments=arguments),
+            aftersale_queue=Queue(keys.aftersale_queue, results, routing_key=AFTERSALE_PATTERN,
+                                  durable=True, queue_arguments=arguments),
             failures_exchange=failures,
             failures_queue=Queue(keys.failures_queue, failures, routing_key=FAILURE_KEY,
                                  durable=True, queue_arguments=arguments),
@@ -107,7 +117,8 @@ class Topology:
     def queues(self) -> tuple[Queue, ...]:
         """Every queue of the deployment (what an operator or a test cleans up)."""
         return (self.task_queue, self.continue_queue, self.live_queue, self.maintenance_queue,
-                self.results_queue, self.failures_queue, self.intake_queue, self.refunds_queue)
+                self.results_queue, self.failures_queue, self.intake_queue, self.refunds_queue,
+                self.aftersale_queue)
 
     @property
     def consumed(self) -> tuple[Queue, ...]:

@@ -57,8 +57,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_exchange": keys.task_queue,
         "task_default_routing_key": keys.task_queue,
         "task_routes": {
-            "fulfilment.maintenance.*": {"queue": keys.maintenance_queue,
-                                         "routing_key": keys.maintenance_queue},
+            **{pattern: {"queue": keys.maintenance_queue,
+                         "routing_key": keys.maintenance_queue}
+               for pattern in ("fulfilment.maintenance.*", "fulfilment.webhooks.*")},
             **{f"fulfilment.{name}": {"queue": keys.continue_queue,
                                       "routing_key": keys.continue_queue}
                for name in ("pre_confirm", "confirm", "publish", "refund")},
@@ -141,7 +142,8 @@ def configure(settings: Settings) -> None:
 
 app = FulfilmentCelery("fulfilment",
                        include=["tasks.purchase", "tasks.maintenance", "tasks.metrics",
-                                "tasks.stops", "tasks.refunds"])
+                                "tasks.stops", "tasks.refunds",
+                                "tasks.webhooks"])
 # A bad setting stops `celery` here with one line (exit 78); elsewhere (the
 # `fulfilment` CLI, a producer) it is raised when the app's configuration is read.
 _import_settings = settings_at_import()

@@ -624,6 +624,63 @@ def _say_refund(outcome: Any) -> None:
 
 
 @cli.command()
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Listen here instead (port 0: any free port, printed on start-up) "
+                   "[default: FULFILMENT_WEBHOOKS_ADDRESS].")
+def webhooks(address: str | None) -> None:
+    """Receive Onebox's webhooks on POST /webhooks/onebox until SIGTERM or SIGINT.
+
+    Each is checked (ob-signature, FULFILMENT_WEBHOOK_SIGNATURE), deduplicated on
+    its order code and action, and handed to a worker: PURCHASE settles an
+    unsettled purchase, REFUND and CANCEL reach the shop as after-sale events.
+    Prints one line, 'webhooks listening on http://HOST:PORT', once it listens.
+    """
+    from fulfilment.clock import RedisClock
+    from fulfilment.config import split_host_port
+    from fulfilment.webhooks.server import Server, build_receiver, serve_until_signalled
+    from fulfilment.wiring import redis_client
+    from tasks.webhooks import hand_over
+
+    settings = load_settings()
+    if address is not None:
+        try:
+            settings = settings.with_overrides(webhooks_address=_host_port_option(address))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--address") from None
+    if settings.webhook_signature != "none" and not settings.webhook_secret:
+        raise click.ClickException(
+            f"FULFILMENT_WEBHOOK_SIGNATURE={settings.webhook_signature} needs the secret: set "
+            "FULFILMENT_WEBHOOK_SECRET or FULFILMENT_WEBHOOK_SECRET_FILE")
+    log = logging.getLogger("fulfilment.webhooks")
+    if not log.isEnabledFor(logging.INFO):
+        log.setLevel(logging.INFO)  # a server says what it receives (never the body)
+    if settings.webhook_signature == "none":
+        log.warning("FULFILMENT_WEBHOOK_SIGNATURE=none: webhooks are accepted unsigned "
+                    "(a sandbox only)")
+    client = redis_client(settings)
+    app = build_receiver(settings, client, hand_over, RedisClock(client))
+    host, port = split_host_port(settings.webhooks_address)
+    try:
+        server = Server(app, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.webhooks_address}: "
+                                   f"{exc.strerror or exc}") from None
+
+    def ready(url: str) -> None:
+        click.echo(f"webhooks listening on {url}")
+        sys.stdout.flush()
+
+    serve_until_signalled(server, ready)
+
+
+def _host_port_option(value: str) -> str:
+    from fulfilment.config import SETTINGS
+
+    setting = next(s for s in SETTINGS if s.env == "FULFILMENT_WEBHOOKS_ADDRESS")
+    return str(setting.parse(value))
+
+
+@cli.command()
 def sweep() -> None:
     """Resume intents stuck past FULFILMENT_STUCK_AFTER (what celery beat runs)."""
     from fulfilment import recovery

@@ -104,6 +104,30 @@ class SandboxProcess(Child):
         super().stop(timeout)
 
 
+class WebhooksProcess(Child):
+    """``fulfilment webhooks`` on a free loopback port, with ``env``'s settings.
+
+    ``url`` is where it listens (read from the line it prints once it does);
+    ``endpoint`` is where Onebox posts.
+    """
+
+    def __init__(self, log_path: Path, env: Mapping[str, str]) -> None:
+        super().__init__([sys.executable, "-m", "tasks.commands", "webhooks", "--address",
+                          "127.0.0.1:0"], log_path, env)
+        line = wait_for(self._listening, timeout=30, what="the webhooks receiver to listen")
+        assert line is not None  # wait_for returns only a truthy value
+        self.url = line.rsplit(" ", 1)[-1].strip()
+        self.endpoint = f"{self.url}/webhooks/onebox"
+
+    def _listening(self) -> str | None:
+        if not self.alive():
+            raise AssertionError(f"fulfilment webhooks exited:\n{self.output()}")
+        for line in self.output().splitlines():
+            if line.startswith("webhooks listening on "):
+                return line
+        return None
+
+
 def worker_args(queues: list[str], name: str, *, concurrency: int = 2, beat: bool = False,
                 schedule: Path | None = None, pool: str = "prefork") -> list[str]:
     args = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "INFO",

@@ -87,6 +87,22 @@ class SandboxAdmin:
         result: dict[str, Any] = self._call("POST", "config", json=settings)
         return result
 
+    def webhooks(self, **target: Any) -> dict[str, Any]:
+        """Change where and how webhooks go (``url``, ``secret``, ``retries``, ``backoff_min``,
+        ``backoff_max``, ``delivery``, ``timeout``); with no argument, only read. Returns the
+        target (never the secret), counts and the deliveries so far."""
+        if not target:
+            return dict(self._call("GET", "webhooks"))
+        return dict(self._call("POST", "webhooks", json=target))
+
+    def box_office(self, code: str, action: str, subtype: str | None = None) -> dict[str, Any]:
+        """A REFUND or CANCEL of a confirmed order done outside the channel: the sandbox
+        sends the webhook."""
+        body: dict[str, Any] = {"code": code, "action": action}
+        if subtype is not None:
+            body["subtype"] = subtype
+        return dict(self._call("POST", "box-office", json=body))
+
     def revoke_tokens(self) -> int:
         """Invalidate every issued token; returns how many were live."""
         return int(self._call("POST", "tokens/revoke")["revoked"])

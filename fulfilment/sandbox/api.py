@@ -30,6 +30,7 @@ from fulfilment.sandbox.faults import OK, Decision, FaultInjector, FaultPlan, Fa
 from fulfilment.sandbox.http import Request, Response
 from fulfilment.sandbox.state import (
     ADD,
+    CONFIRM,
     CONFIRM_CALL,
     PRE_CONFIRM_CALL,
     RELEASE,
@@ -37,6 +38,7 @@ from fulfilment.sandbox.state import (
     Order,
     SandboxState,
 )
+from fulfilment.sandbox.webhooks import WebhookConfigError, WebhookSender, WebhookTarget
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ CONTROL = "/__sandbox"
 CLIENT_ID = "seller-channel-client"
 #: The settings ``/__sandbox/config`` takes besides the ``Behaviour`` switches.
 SETTINGS = ("token_ttl", "basket_ttl", "max_items")
+#: The webhook actions ``POST /__sandbox/box-office`` simulates (done outside the channel).
+BOX_OFFICE_ACTIONS = ("REFUND", "CANCEL")
 #: Seconds of per-second call counts the audit keeps (the newest).
 PER_SECOND_KEPT = 3600
 
@@ -70,6 +74,8 @@ class SandboxOptions:
     faults: FaultPlan = field(default_factory=FaultPlan)
     seed: int | None = None
     behaviour: Behaviour = DEFAULT
+    #: Where the sandbox sends its webhooks (none by default).
+    webhooks: WebhookTarget = field(default_factory=WebhookTarget)
 
 
 class OAuthError(Exception):
@@ -177,6 +183,8 @@ class SandboxApp:
         self.state = SandboxState(options.catalogue, basket_ttl=options.basket_ttl,
                                   max_items=options.max_items, clock=clock,
                                   rng=random.Random(options.seed))
+        # A refund made through the API tells the channel, as Onebox's webhooks do.
+        self.state.listeners.append(self._tell_channel)
         self.behaviour = options.behaviour
         self.tokens = TokenStore(clock)
         self.token_ttl = options.token_ttl
@@ -187,6 +195,9 @@ class SandboxApp:
         self.per_second: dict[int, list[int]] = {}
         self._clock = clock
         self.faults = FaultInjector(options.faults, options.seed)
+        self.webhooks = WebhookSender(options.webhooks)
+        #: What the order URL in a webhook starts with: the Host of the latest call.
+        self._base_url = "http://127.0.0.1"
         self._routes: dict[str, dict[str, Route]] = {
             "/oauth/token": {"POST": Route("token", self._token, auth=False)},
             f"{DIST}/orders": {"POST": Route("create", self._create)},
@@ -207,6 +218,9 @@ class SandboxApp:
             "/faults": {"GET": self._get_faults, "POST": self._set_faults},
             "/config": {"GET": self._get_config, "POST": self._set_config},
             "/tokens/revoke": {"POST": self._revoke},
+            "/webhooks": {"GET": lambda _: self.webhooks.summary(),
+                          "POST": self._set_webhooks},
+            "/box-office": {"POST": self._box_office},
             "/reset": {"POST": self._reset},
         }
         self._control = {CONTROL + path: methods for path, methods in control.items()}
@@ -466,8 +480,56 @@ class SandboxApp:
         payments = data.get("payments")
         if payments is not None and not isinstance(payments, list):
             raise ApiError(400, "DIST0005", "payments must be a list")
+        was_confirmed = order.status == CONFIRM
         self.state.confirm(order, _optional_str(data, "external_code"), payments)
+        if not was_confirmed:
+            self._remember_host(request)
+            self.notify(order, "PURCHASE")
         return self._answer(order)
+
+    # -- webhooks -----------------------------------------------------------------
+
+    def _tell_channel(self, order: Order, action: str) -> None:
+        self.notify(order, action)
+
+    def notify(self, order: Order, action: str, subtype: str | None = None) -> bool:
+        """Send the channel Onebox's webhook for ``action`` on ``order`` (PURCHASE on
+        confirm; REFUND from a refund; CANCEL, REFUND from the box office). Returns at
+        once: the sending thread delivers and retries. False when no target is set."""
+        if order.code is None:
+            return False
+        url = f"{self._base_url}{GET_ORDER_PREFIX}{order.code}"
+        return self.webhooks.notify(action, order.code, url, self.behaviour.webhook_signature,
+                                    subtype)
+
+    def _remember_host(self, request: Request) -> None:
+        host = request.headers.get("host", "").strip()
+        if host and all(c.isalnum() or c in ".:-[]" for c in host):
+            self._base_url = f"http://{host}"
+
+    def _set_webhooks(self, request: Request) -> dict[str, Any]:
+        try:
+            self.webhooks.configure(self.webhooks.target.replace(_json_body(request)))
+        except (WebhookConfigError, TypeError) as exc:
+            raise ApiError(400, "DIST0005", str(exc)) from exc
+        return self.webhooks.summary()
+
+    def _box_office(self, request: Request) -> dict[str, Any]:
+        """A REFUND or CANCEL of a confirmed order done elsewhere (the box office, Onebox's
+        console): the channel hears of it by webhook only."""
+        data = _json_body(request)
+        code = _required(data, "code")
+        action = _required(data, "action")
+        subtype = _optional_str(data, "subtype")
+        if not isinstance(code, str) or action not in BOX_OFFICE_ACTIONS:
+            raise ApiError(400, "DIST0005", f"code is an order code, action one of "
+                                            f"{list(BOX_OFFICE_ACTIONS)}")
+        order = self.state.order_by_code(code)
+        if order.status != CONFIRM:
+            raise ApiError(409, "PRODUCT_STATE_INVALID", "only a confirmed order can be "
+                                                         "refunded or cancelled")
+        self._remember_host(request)
+        return {"code": code, "action": action, "notified": self.notify(order, action, subtype)}
 
     def _release(self, request: Request) -> dict[str, Any]:
         order = self._order(request, RELEASE, "release seats of")
@@ -612,4 +674,5 @@ class SandboxApp:
         self.confirm_calls.clear()
         self.per_second.clear()
         self.faults = FaultInjector(FaultPlan(), options.seed)
+        self.webhooks.reset(options.webhooks)
         return {"ok": True}

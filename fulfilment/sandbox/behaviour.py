@@ -75,6 +75,8 @@ class Behaviour:
     #: A refund naming an item already REFUNDED: 409 PRODUCT_STATE_INVALID (what the
     #: public documentation says), or refunded again (the audit's ``refunded_twice``).
     repeat_refund: Literal["conflict", "again"] = "conflict"
+    #: How the webhooks' ``ob-signature`` is computed (``fulfilment.webhooks.signature``).
+    webhook_signature: Literal["hmac-sha256", "hmac-sha256-base64", "none"] = "hmac-sha256"
 
     # -- validation ----------------------------------------------------------
 

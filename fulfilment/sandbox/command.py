@@ -11,7 +11,9 @@ port (a second ``honcho start``, a demo left running), this process stands by
 instead of exiting, and takes over if that one stops: under honcho, an exiting
 process stops every other, the workers included. The API key it accepts comes
 from ``ONEBOX_API_KEY`` or ``ONEBOX_API_KEY_FILE``, never from the command line
-(which any user of the machine can read in ``ps``).
+(which any user of the machine can read in ``ps``); so does the secret its
+webhooks are signed with (``FULFILMENT_WEBHOOK_SECRET`` or its ``_FILE``, the
+receiver's own setting), sent to ``--webhook-url`` when one is given.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from fulfilment.sandbox.api import SandboxOptions
 from fulfilment.sandbox.behaviour import Behaviour, BehaviourError
 from fulfilment.sandbox.catalogue import Catalogue, CatalogueError
 from fulfilment.sandbox.faults import FaultPlan
+from fulfilment.sandbox.webhooks import WebhookConfigError, WebhookTarget
 
 
 def _load_faults(value: str) -> FaultPlan:
@@ -110,9 +113,19 @@ def _stand_by(host: str, port: int) -> bool:
               help="Set a switch where the real API is unknown (repeatable), e.g. "
                    "--behaviour repeat_status_call=idempotent; see docs/sandbox.md, "
                    f"Switches. Keys: {', '.join(Behaviour.keys())}.")
+@click.option("--webhook-url", default="",
+              help="Send Onebox's webhooks here (PURCHASE on confirm, REFUND, CANCEL), signed "
+                   "with FULFILMENT_WEBHOOK_SECRET as the webhook_signature switch says "
+                   "[default: none sent].")
+@click.option("--webhook-retries", default=3, show_default=True, type=click.IntRange(0, 10),
+              help="Sends after a failed one, each with a new delivery id; then dropped.")
+@click.option("--webhook-backoff", default=(1.0, 10.0), show_default=True, type=(float, float),
+              metavar="MIN MAX", help="Seconds before the first retry (doubled each retry) "
+                                      "and at most.")
 def sandbox(*, host: str, port: int | None, catalogue_path: str | None,
             faults_spec: str | None, channel_id: str, token_ttl: float, basket_ttl: float,
-            seed: int | None, switches: tuple[str, ...]) -> None:
+            seed: int | None, switches: tuple[str, ...], webhook_url: str,
+            webhook_retries: int, webhook_backoff: tuple[float, float]) -> None:
     """Serve the Onebox sandbox until SIGTERM or SIGINT.
 
     The token endpoint accepts the key in ONEBOX_API_KEY (or the file
@@ -120,8 +133,15 @@ def sandbox(*, host: str, port: int | None, catalogue_path: str | None,
     """
     try:
         api_key = env_value("ONEBOX_API_KEY")
+        webhook_secret = env_value("FULFILMENT_WEBHOOK_SECRET") if webhook_url else ""
     except ConfigError as exc:
         raise click.ClickException(exc.message) from None
+    try:
+        webhooks = WebhookTarget(url=webhook_url, secret=webhook_secret,
+                                 retries=webhook_retries, backoff_min=webhook_backoff[0],
+                                 backoff_max=webhook_backoff[1])
+    except WebhookConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--webhook-url/--webhook-backoff") from None
     port = port_of_api_url() if port is None else port
     try:
         catalogue = Catalogue.load(catalogue_path) if catalogue_path else Catalogue.default()
@@ -139,7 +159,7 @@ def sandbox(*, host: str, port: int | None, catalogue_path: str | None,
         raise click.BadParameter(str(exc), param_hint="--behaviour") from exc
     options = SandboxOptions(api_key=api_key, channel_id=channel_id, token_ttl=token_ttl,
                              basket_ttl=basket_ttl, catalogue=catalogue, faults=faults,
-                             seed=seed, behaviour=behaviour)
+                             seed=seed, behaviour=behaviour, webhooks=webhooks)
 
     def ready(url: str) -> None:
         sys.stdout.write(f"sandbox listening on {url}\n")

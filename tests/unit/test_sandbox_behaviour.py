@@ -80,6 +80,7 @@ def test_defaults_are_todays_choices() -> None:
         "code_after_basket": "kept", "release_unknown_items": "refuse",
         "missing_rate_id": "first_rate", "seat_unavailable_status": 409,
         "repeat_refund": "conflict",
+        "webhook_signature": "hmac-sha256",
     }
     assert SandboxOptions().behaviour == DEFAULT
 
