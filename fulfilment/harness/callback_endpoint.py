@@ -27,6 +27,8 @@ class CallbackEndpoint:
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.refused = 0
+        #: Connections accepted, whatever came on them (a TLS handshake too).
+        self.connections = 0
         self.mode = "up"
         #: When set: the status to answer a body with (while up).
         self.status_for: Callable[[bytes], int] | None = None
@@ -46,6 +48,11 @@ class CallbackEndpoint:
         class Handler(BaseHTTPRequestHandler):
             disable_nagle_algorithm = True
             protocol_version = "HTTP/1.1"
+
+            def handle(self) -> None:
+                with endpoint._lock:
+                    endpoint.connections += 1
+                super().handle()
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))

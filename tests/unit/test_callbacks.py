@@ -197,6 +197,12 @@ def fresh_metrics() -> Iterator[metrics.Metrics]:
     metrics.install(None)
 
 
+def hold_of(world: World, url: str) -> dict[str, Any]:
+    raw = world.redis.hget(KEYS.callbacks("hold"), url)
+    assert isinstance(raw, bytes)
+    return dict(json.loads(raw))
+
+
 class World:
     def __init__(self, routes: dict[str | None, str], allow: str = "127.0.0.1",
                  keep_for: float = 3600) -> None:
@@ -271,7 +277,7 @@ def test_a_failing_endpoint_is_held_with_backoff_and_gets_everything_when_back(
     report = world.run()
     assert (report.delivered, report.failed) == (0, 1)
     assert endpoint.refused == 1
-    hold = json.loads(world.redis.hget(KEYS.callbacks("hold"), endpoint.url))
+    hold = hold_of(world, endpoint.url)
     assert hold["failures"] == 1 and hold["until"] == world.clock.now + 1
     # Within the hold nothing is sent, whatever is added
     world.outbox.add(outcome("cb-down-5"))
@@ -281,7 +287,7 @@ def test_a_failing_endpoint_is_held_with_backoff_and_gets_everything_when_back(
     for expected in (2, 4):
         world.clock.now += 60
         world.run()
-        hold = json.loads(world.redis.hget(KEYS.callbacks("hold"), endpoint.url))
+        hold = hold_of(world, endpoint.url)
         assert hold["until"] - world.clock.now == expected
     assert endpoint.refused == 3
     waiting = backlog(world.redis, KEYS, world.clock.now)
@@ -323,15 +329,13 @@ def test_one_endpoint_down_does_not_hold_back_another() -> None:
 
 def test_a_refused_address_is_never_connected_to(endpoint: CallbackEndpoint,
                                                  fresh_metrics: metrics.Metrics) -> None:
-    # The URL names a host that resolves (now) to this machine, which is not listed
-    world = World({None: f"http://shop.example:{endpoint.port}/outcomes"}, allow="shop.test")
-    world.config = SenderConfig(world.config.routes, SECRET, AllowList.parse(""), 3600,
-                                timeout=2.0, max_delay=60.0)
+    # An https URL whose name resolves (at send time) to this machine, which is not listed
+    world = World({None: f"https://shop.example:{endpoint.port}/outcomes"}, allow="")
     world.outbox.add(outcome("cb-ssrf"))
     sender = CallbackSender(world.redis, KEYS, world.config, world.clock,
                             resolver=resolver("127.0.0.1"))
     assert sender.run().failed == 1
-    assert endpoint.snapshot() == [] and endpoint.refused == 0
+    assert endpoint.connections == 0
     assert fresh_metrics.callback_failures.labels("refused")._value.get() == 1
 
 
@@ -364,3 +368,44 @@ def test_a_callback_the_endpoint_refuses_backs_off_alone(endpoint: CallbackEndpo
     world.clock.now += 1
     endpoint.status_for = None
     assert world.run().delivered == 1
+
+
+# --- visible: health and the scrape-time gauges ---------------------------------------------
+def test_health_is_degraded_once_the_oldest_callback_waited_too_long(
+        endpoint: CallbackEndpoint) -> None:
+    from fulfilment.health import DEGRADED, OK, _check_callbacks, callback_stale_after
+
+    settings = Settings.defaults().with_overrides(
+        key_prefix=KEYS.prefix, callback_url=endpoint.url, callback_secret=SECRET,
+        callback_allow="127.0.0.1")
+    world = World({None: endpoint.url})
+    endpoint.down("503")
+    world.outbox.add(outcome("cb-health"))
+    world.run()
+    stale = callback_stale_after(settings)
+    assert stale == 300
+    check = _check_callbacks(settings, KEYS, world.redis, world.clock.now + stale)
+    assert check.status == OK and check.data["pending"] == 1
+    assert f"127.0.0.1:{endpoint.port} failing" in check.detail
+    check = _check_callbacks(settings, KEYS, world.redis, world.clock.now + stale + 1)
+    assert check.status == DEGRADED, check
+    assert "older than 300 s" in check.detail
+
+
+def test_the_collector_reports_the_backlog_its_age_and_failing_endpoints(
+        endpoint: CallbackEndpoint) -> None:
+    from fulfilment.metrics_collector import RedisCollector
+
+    world = World({None: endpoint.url})
+    endpoint.down("closed")
+    world.outbox.add(outcome("cb-scrape"))
+    world.run()
+    collector = RedisCollector(world.redis, KEYS, breaker_key=None)
+    seconds = int(world.redis.time()[0])
+    world.redis.zadd(KEYS.callbacks("since"), {f"{result_id_for('cb-scrape')}:confirmed":
+                                               seconds - 42})
+    gauges = {m.name: m.samples[0].value for m in collector.collect()
+              if m.name.startswith("fulfilment_callback") or "callback" in m.name}
+    assert gauges["fulfilment_callbacks_pending"] == 1
+    assert 41 <= gauges["fulfilment_oldest_callback_age_seconds"] <= 44
+    assert gauges["fulfilment_callback_endpoints_failing"] == 1
