@@ -154,8 +154,8 @@ class AllowList:
             raise CallbackRefused("a callback URL must be an absolute https:// URL")
         if parts.scheme == "http" and not self.host_listed(host):
             raise CallbackRefused(
-                f"plain http:// to {host!r}: outcomes would cross the network unsigned by "
-                f"TLS; use https://, or add {host!r} to FULFILMENT_CALLBACK_ALLOW")
+                f"plain http:// to {host!r}: outcomes would cross the network unencrypted; "
+                f"use https://, or add {host!r} to FULFILMENT_CALLBACK_ALLOW")
         if host in {"localhost", "localhost.localdomain"} or host.endswith(".localhost"):
             literal = "127.0.0.1"
         else:

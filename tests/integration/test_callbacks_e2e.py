@@ -112,7 +112,8 @@ def test_an_endpoint_down_gets_every_outcome_once_back_and_purchases_went_on(
     wait_for(lambda: backlog(redis_client, keys, time.time()).pending == 0, timeout=10,
              what="the outbox empty")
     assert not backlog(redis_client, keys, time.time()).failing
-    print(f"\ncallbacks: endpoint down {DOWN:.0f} s ({endpoint.refused} tries answered 503); "
+    print("\n" + next(line for line in health.lines() if line.startswith("callbacks")))
+    print(f"callbacks: endpoint down {DOWN:.0f} s ({endpoint.refused} tries answered 503); "
           f"{INTENTS} purchases finished {finished_down:.1f} s after it went down; "
           f"all {len(expected)} outcomes delivered {caught_up:.1f} s after it came back "
           f"({len(received)} POSTs received)")
