@@ -123,6 +123,35 @@ def _host_list(raw: str) -> str:
     return ",".join(sorted({h.strip().lower() for h in raw.split(",") if h.strip()}))
 
 
+def _shop_urls(raw: str) -> str:
+    """``shop=url,shop2=url2``: each shop a reference-like name, each URL http(s)."""
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        shop, sep, url = part.partition("=")
+        shop = shop.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", shop):
+            raise ValueError("must be shop=url pairs separated by commas (a shop: 1-64 of "
+                             "A-Za-z0-9._:-)")
+        if shop in pairs:
+            raise ValueError(f"shop {shop!r} is named twice")
+        pairs[shop] = _http_url(url.strip())
+    return ",".join(f"{shop}={url}" for shop, url in pairs.items())
+
+
+def _allow_list(raw: str) -> str:
+    """Host names, IP addresses and networks, normalised (kept as text)."""
+    entries = set()
+    for entry in filter(None, (e.strip().lower() for e in raw.split(","))):
+        if "/" not in entry:
+            entries.add(entry.strip("[]"))
+            continue
+        try:
+            entries.add(str(ipaddress.ip_network(entry, strict=False)))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not a network such as 10.1.0.0/16") from None
+    return ",".join(sorted(entries))
+
+
 #: What redis-py connects to: TCP, TLS, a Unix socket.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 #: The brokers this project is tested with (Redis, RabbitMQ), and the embedded demo's.
@@ -353,6 +382,38 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FULFILMENT_RELEASE_INTERVAL", "release_interval", "1",
             "Seconds between two releases of waiting bulk intents by celery beat (a safety "
             "net: producers and workers release as they admit and finish).", _positive_float),
+    # --- Outcomes POSTed to the shop (fulfilment.callbacks) --------------------------
+    Setting("FULFILMENT_CALLBACK_URL", "callback_url", "",
+            "URL every outcome is POSTed to (signed JSON, `docs/results.md`), for shops "
+            "without one of their own in `FULFILMENT_CALLBACK_URLS`; empty: none. `https://` "
+            "only, unless its host is in `FULFILMENT_CALLBACK_ALLOW`.", _optional_http_url),
+    Setting("FULFILMENT_CALLBACK_URLS", "callback_urls", "",
+            "Per-shop callback URLs, `shop=url,shop2=url2`: a shop's outcomes go to its "
+            "own URL instead of `FULFILMENT_CALLBACK_URL`.", _shop_urls),
+    Setting("FULFILMENT_CALLBACK_SECRET", "callback_secret", "",
+            "Shared secret the callbacks are signed with (HMAC-SHA256, at least 16 "
+            "characters); required when a callback URL is set. Secret: never logged or "
+            "shown. Or `FULFILMENT_CALLBACK_SECRET_FILE`: a file holding it.",
+            str, secret=True, from_file=True),
+    Setting("FULFILMENT_CALLBACK_FOR", "callback_for", "86400",
+            "Seconds a callback is retried after its outcome was published; past them it is "
+            "dropped with a warning (`fulfilment_callbacks_dropped`). The outcome is still "
+            "on the results queue.", _positive_float),
+    Setting("FULFILMENT_CALLBACK_ALLOW", "callback_allow", "",
+            "Comma-separated hosts (names, addresses or networks such as `10.1.0.0/16`) "
+            "a callback may reach over plain `http://` or at a private, loopback or "
+            "link-local address; any other such callback is refused (no request forgery "
+            "through a callback URL).", _allow_list),
+    Setting("FULFILMENT_CALLBACK_TIMEOUT", "callback_timeout", "5",
+            "Seconds one callback POST may take, connection included; slower counts as a "
+            "failure of the endpoint.", _positive_float),
+    Setting("FULFILMENT_CALLBACK_MAX_DELAY", "callback_max_delay", "60",
+            "Longest wait between two tries of a failing callback endpoint, in seconds (from "
+            "1 s, doubling): once the endpoint is back, its backlog goes out within this.",
+            _positive_float),
+    Setting("FULFILMENT_CALLBACK_INTERVAL", "callback_interval", "1",
+            "Seconds between two runs of the callback sender (celery beat), when a callback "
+            "URL is set.", _positive_float),
     # --- Metrics (tasks.metrics) ---------------------------------------------------
     Setting("FULFILMENT_METRICS_PORT", "metrics_port", "9650",
             "Port each worker serves Prometheus metrics on (`/metrics`, summed over its pool "
@@ -430,6 +491,14 @@ class Settings:
     settle_for: float
     bulk_in_flight: int
     release_interval: float
+    callback_url: str
+    callback_urls: str
+    callback_secret: str = field(repr=False)
+    callback_for: float
+    callback_allow: str
+    callback_timeout: float
+    callback_max_delay: float
+    callback_interval: float
     metrics_port: int
     metrics_address: str
     webhooks_address: str
@@ -480,6 +549,40 @@ class Settings:
                 "FULFILMENT_WEBHOOK_SIGNATURE=none accepts any webhook unsigned, and "
                 f"ONEBOX_API_URL={self.onebox_api_url!r} is not a sandbox: set "
                 "FULFILMENT_WEBHOOK_SIGNATURE to the scheme Onebox signs with")
+        self._validate_callbacks()
+
+    def _validate_callbacks(self) -> None:
+        """A callback URL needs the secret it is signed with, and a public https:// host
+        unless ``FULFILMENT_CALLBACK_ALLOW`` lists it (its addresses are checked again at
+        every send: ``fulfilment.callbacks``)."""
+        from fulfilment.callbacks import AllowList, CallbackRefused
+
+        urls = self.callback_routes
+        if not urls:
+            return
+        if len(self.callback_secret) < 16:
+            raise ConfigError("FULFILMENT_CALLBACK_SECRET must be set (at least 16 characters) "
+                              "when FULFILMENT_CALLBACK_URL or FULFILMENT_CALLBACK_URLS is: "
+                              "every callback is signed with it")
+        allow = AllowList.parse(self.callback_allow)
+        for shop, url in urls.items():
+            env = "FULFILMENT_CALLBACK_URL" if shop is None else \
+                f"FULFILMENT_CALLBACK_URLS ({shop})"
+            try:
+                allow.check_url(url)
+            except CallbackRefused as exc:
+                raise ConfigError(f"{env}={mask_url(url)!r}: {exc}") from None
+
+    @property
+    def callback_routes(self) -> dict[str | None, str]:
+        """Callback URL by shop; the key None: any other shop's (``FULFILMENT_CALLBACK_URL``)."""
+        routes: dict[str | None, str] = {}
+        if self.callback_url:
+            routes[None] = self.callback_url
+        for pair in filter(None, self.callback_urls.split(",")):
+            shop, _, url = pair.partition("=")
+            routes[shop] = url
+        return routes
 
     def _validate_sandbox_key(self) -> None:
         """The sandbox's key is the default, for the sandbox only (always http://): with an

@@ -3,10 +3,12 @@
 One run checks, each with a bound on its time: the ledger's Redis (PING), the
 broker (a connection, then each queue's depth), Onebox (a token is fetched:
 the credentials work and the API answers), the Redis-list intake (its depth,
-and when celery beat last drained it: without beat it stalls silently), and
+and when celery beat last drained it: without beat it stalls silently),
 intents stuck past ``FULFILMENT_STUCK_AFTER`` (what the recovery sweep should
-be resuming), and unsettled intents (read again by themselves; degraded once
-one has waited ``UNSETTLED_DEGRADED_AFTER`` or left the schedule).
+be resuming), unsettled intents (read again by themselves; degraded once
+one has waited ``UNSETTLED_DEGRADED_AFTER`` or left the schedule), and, when a
+callback URL is set, the callbacks waiting for the shops' endpoints (how many,
+the oldest's age, the endpoints failing).
 
 Each check is ``ok``, ``degraded`` (working, but something needs a look:
 stuck intents, an intake beat has not drained lately) or ``unhealthy``
@@ -27,6 +29,7 @@ from typing import Any
 import redis
 from kombu import Connection, Queue
 
+from fulfilment.callbacks import backlog as callback_backlog
 from fulfilment.clock import redis_time
 from fulfilment.config import Settings, mask_url
 from fulfilment.errors import FulfilmentError
@@ -45,6 +48,10 @@ TIMEOUT = 5.0
 #: drain intervals (``FULFILMENT_INTAKE_INTERVAL``), and at least ``INTAKE_STALE_MIN`` s.
 INTAKE_STALE_INTERVALS = 10
 INTAKE_STALE_MIN = 30.0
+#: A waiting callback makes health degraded past this many longest backoffs
+#: (``FULFILMENT_CALLBACK_MAX_DELAY``), and at least ``CALLBACK_STALE_MIN`` s.
+CALLBACK_STALE_DELAYS = 5
+CALLBACK_STALE_MIN = 300.0
 #: Stuck references listed by name.
 STUCK_SHOWN = 5
 #: An unsettled intent waiting longer than this makes health degraded: by then its
@@ -113,9 +120,13 @@ def check_health(settings: Settings, *, onebox: bool = True,
             checks.append(_check_stuck(settings, keys, client, now))
             checks.append(_check_intake(settings, keys, client, now))
             checks.append(_check_unsettled(settings, keys, client, now))
+            if settings.callback_routes:
+                checks.append(_check_callbacks(settings, keys, client, now))
         else:
             checks += [Check(name, SKIPPED, "not checked: Redis is unreachable")
                        for name in ("stuck", "intake", "unsettled")]
+            if settings.callback_routes:
+                checks.append(Check("callbacks", SKIPPED, "not checked: Redis is unreachable"))
     return Health(tuple(checks), now)
 
 
@@ -289,6 +300,34 @@ def _check_unsettled(settings: Settings, keys: Keys, client: redis.Redis,
                      "since; 'fulfilment unsettled' lists the last answers (is the orders "
                      "scope granted? is celery beat running?)", data)
     return Check("unsettled", OK, f"{shown}; read again by themselves", data)
+
+
+def _check_callbacks(settings: Settings, keys: Keys, client: redis.Redis, now: float) -> Check:
+    """Outcomes waiting for the shops' callback URLs: degraded once the oldest has waited
+    past ``callback_stale_after`` (an endpoint down that long, or the sender not running)."""
+    waiting = callback_backlog(client, keys, now)
+    stale_after = callback_stale_after(settings)
+    data = {"pending": waiting.pending, "oldest_s": round(waiting.oldest_age, 1),
+            "stale_after_s": stale_after,
+            "failing": {url: {"failures": hold.get("failures"), "reason": hold.get("reason"),
+                              "failing_for_s": round(now - float(hold.get("since", now)), 1)}
+                        for url, hold in waiting.failing.items()}}
+    failing = "; ".join(f"{url} failing for {_ago(now - float(hold.get('since', now)))} "
+                        f"({hold.get('reason')})" for url, hold in waiting.failing.items())
+    detail = f"{waiting.pending} waiting"
+    if waiting.pending:
+        detail += f", oldest {_ago(waiting.oldest_age)}"
+    if failing:
+        detail += f"; {failing}"
+    if waiting.oldest_age > stale_after:
+        return Check("callbacks", DEGRADED, f"{detail}: older than {stale_after:g} s; is the "
+                     "shop's endpoint up, and celery beat running?", data)
+    return Check("callbacks", OK, detail, data)
+
+
+def callback_stale_after(settings: Settings) -> float:
+    """Seconds a callback may wait before health says degraded: a few full backoffs."""
+    return max(CALLBACK_STALE_MIN, CALLBACK_STALE_DELAYS * settings.callback_max_delay)
 
 
 def _ago(seconds: float) -> str:

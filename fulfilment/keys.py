@@ -166,6 +166,13 @@ class Keys:
         """Hash: reference -> its ``updated_at`` when its dispatch failed (``fulfilment.owed``)."""
         return f"{self.prefix}:dispatch:owed"
 
+    def callbacks(self, kind: str) -> str:
+        """A key of the callback outbox (``fulfilment.callbacks``): ``due`` (sorted set:
+        delivery -> next try), ``since`` (sorted set: delivery -> when published), ``body``
+        (hash: delivery -> JSON), ``attempts`` (hash), ``seq`` (counter), ``hold`` (hash:
+        endpoint -> its backoff), ``lock`` (the one sender running)."""
+        return f"{self.prefix}:callbacks:{kind}"
+
     def session_cap(self, session_id: int, kind: str) -> str:
         """A sorted set of the cap per Onebox session (``holders``, ``line``, ``seen``).
 

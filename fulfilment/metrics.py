@@ -91,7 +91,22 @@ class Metrics:
             "(a session the intent needs is at its cap): first (the intent joined the line: "
             "intents held back) or again (it asked again, still in line).", ["wait"],
             registry=r)
+        self.callbacks_delivered = Counter(
+            "fulfilment_callbacks_delivered", "Outcomes POSTed to a shop's callback URL and "
+            "answered 2xx (fulfilment.callbacks).", registry=r)
+        self.callback_failures = Counter(
+            "fulfilment_callback_failures", "Callback tries that failed, by reason: timeout, "
+            "connection_error, refused (an address FULFILMENT_CALLBACK_ALLOW does not allow), "
+            "or http_<status>. Each is tried again with backoff.", ["reason"], registry=r)
+        self.callbacks_dropped = Counter(
+            "fulfilment_callbacks_dropped", "Callbacks given up on, by reason: expired (not "
+            "delivered within FULFILMENT_CALLBACK_FOR), no_url (the shop's URL was removed).",
+            ["reason"], registry=r)
         # At 0 before their first event: a panel reads 0, not "No data".
+        for reason in ("timeout", "connection_error", "refused"):
+            self.callback_failures.labels(reason)
+        for reason in ("expired", "no_url"):
+            self.callbacks_dropped.labels(reason)
         self.outcomes.labels("confirmed", "")
         for reason in HELD_BACK_REASONS.values():
             self.held_back.labels(reason)
@@ -241,11 +256,24 @@ def session_cap_waited(*, first: bool) -> None:
     current().session_cap_waits.labels("first" if first else "again").inc()
 
 
+def callback_delivered() -> None:
+    current().callbacks_delivered.inc()
+
+
+def callback_failed(reason: str) -> None:
+    current().callback_failures.labels(reason).inc()
+
+
+def callback_dropped(reason: str) -> None:
+    current().callbacks_dropped.labels(reason).inc()
+
+
 def breaker_changed(change: str) -> None:
     if change in BREAKER_CHANGES:
         current().breaker_changes.labels(change).inc()
 
 
-__all__ = ["Metrics", "breaker_changed", "current", "decided",
+__all__ = ["Metrics", "breaker_changed", "callback_delivered", "callback_dropped",
+           "callback_failed", "current", "decided",
            "guard_verdict", "install", "onebox_call", "outcome_written", "retried",
            "session_cap_waited", "step_ran", "use_multiprocess"]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from fulfilment.callbacks import Backlog, backlog
 from fulfilment.config import Settings
 from fulfilment.intake import taken_count
 from fulfilment.keys import Keys
@@ -141,6 +142,7 @@ class RedisCollector:
         for name in BREAKER_STATES:
             circuit.add_metric([name], 1.0 if name == state else 0.0)
         families.append(circuit)
+        families += _callback_families(backlog(self._redis, keys, now))
         return families
 
     def _broker_depths(self) -> tuple[dict[str, int], int]:
@@ -157,6 +159,21 @@ class RedisCollector:
         depths = {name: sum(int(n) for n in answers[i * per_queue:(i + 1) * per_queue])
                   for i, name in enumerate(self.queues)}
         return depths, int(answers[-1])
+
+
+def _callback_families(waiting: Backlog) -> list[Metric]:
+    """The callback outbox (``fulfilment.callbacks``): all 0 when no callback URL is set."""
+    return [
+        GaugeMetricFamily("fulfilment_callbacks_pending", "Outcomes waiting to be POSTed to "
+                          "a shop's callback URL (due now, or backing off).",
+                          value=float(waiting.pending)),
+        GaugeMetricFamily("fulfilment_oldest_callback_age_seconds", "Seconds since the "
+                          "outcome of the oldest callback still waiting was published (0 when "
+                          "none waits).", value=waiting.oldest_age),
+        GaugeMetricFamily("fulfilment_callback_endpoints_failing", "Callback endpoints whose "
+                          "last try failed (held with backoff).",
+                          value=float(len(waiting.failing))),
+    ]
 
 
 __all__ = ["RedisCollector"]

@@ -20,6 +20,7 @@ from kombu.exceptions import KombuError
 from kombu.pools import producers
 from marshmallow import ValidationError
 
+from fulfilment.callbacks import CallbackOutbox
 from fulfilment.outage import BrokerOutage
 from fulfilment.topology import FAILURE_KEY, Topology, refund_routing_key, routing_key_for
 from schemas.aftersale import (
@@ -55,13 +56,20 @@ def failure_body(reason: str, errors: Any, payload: str | bytes | None) -> dict[
 
 
 class ResultPublisher:
-    """Puts outcomes (and refused messages) on the broker."""
+    """Puts outcomes (and refused messages) on the broker; with ``callbacks``, also leaves
+    each outcome in the callback outbox for the shop's URL (``fulfilment.callbacks``)."""
 
-    def __init__(self, connection: Connection, topology: Topology) -> None:
+    def __init__(self, connection: Connection, topology: Topology,
+                 callbacks: CallbackOutbox | None = None) -> None:
         self._connection = connection
         self._topology = topology
+        self._callbacks = callbacks
 
     def publish(self, result: OrderResult) -> None:
+        if self._callbacks is not None:
+            # First, so that the flow's "published" mark follows both: a publish retried
+            # after a broker error queues no second callback (the outbox knows it).
+            self._callbacks.add(result)
         body = dump_result(result)
         self._send(body, self._topology.results_exchange, routing_key_for(result.status),
                    self._topology.results_queue, headers={"result_id": result.result_id,

@@ -15,6 +15,7 @@ from kombu import Connection
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from fulfilment.callbacks import CallbackOutbox
 from fulfilment.config import Settings
 from fulfilment.flow import Services
 from fulfilment.keys import Keys
@@ -95,7 +96,10 @@ def build_services(settings: Settings, client: redis.Redis | None = None,
         client=build_client(settings, client, ledger.clock),
         ledger=ledger,
         publisher=ResultPublisher(connection or broker_connection(settings),
-                                  Topology.for_keys(keys, settings.effective_broker_url)),
+                                  Topology.for_keys(keys, settings.effective_broker_url),
+                                  callbacks=CallbackOutbox(client, keys, settings.callback_routes,
+                                                           ledger.clock)
+                                  if settings.callback_routes else None),
         leases=Leases(client, keys, settings.lease_ttl,
                       max_hold=settings.task_time_limit),
         policy=RetryPolicy.from_settings(settings),

@@ -77,6 +77,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # (FULFILMENT_SETTLE_FIRST, doubling): this only looks for due ones.
             "unsettled-settle": {"task": "fulfilment.maintenance.settle_unsettled",
                                  "schedule": settings.sweep_interval},
+            **callback_schedule(settings),
         },
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
@@ -85,6 +86,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_consumer": "tasks.brokerwatch:Consumer",
         "beat_scheduler": "tasks.brokerwatch:Scheduler",
     }
+
+
+def callback_schedule(settings: Settings) -> dict[str, Any]:
+    """The callback sender's runs, when a callback URL is set; a run not started within
+    its interval (the workers were busy) expires rather than piling up behind them."""
+    if not settings.callback_routes:
+        return {}
+    return {"callbacks": {"task": "fulfilment.maintenance.deliver_callbacks",
+                          "schedule": settings.callback_interval,
+                          "options": {"expires": max(settings.callback_interval, 1.0) * 5}}}
 
 
 def rabbitmq_config(settings: Settings) -> dict[str, Any]:

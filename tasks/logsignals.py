@@ -11,8 +11,9 @@ only what ``ContextFilter`` left unbound.
 
 Beat sends ``fulfilment.maintenance.drain_intake`` every
 ``FULFILMENT_INTAKE_INTERVAL`` and ``fulfilment.maintenance.release_bulk``
-every ``FULFILMENT_RELEASE_INTERVAL`` (a second each): three INFO lines a
-second each (beat's "Sending due task", the worker's "received" and
+every ``FULFILMENT_RELEASE_INTERVAL`` (a second each), and, with a callback URL set,
+``fulfilment.maintenance.deliver_callbacks`` every ``FULFILMENT_CALLBACK_INTERVAL``: three
+INFO lines a second each (beat's "Sending due task", the worker's "received" and
 "succeeded: 0") for a run that found nothing to do. Those are demoted to
 DEBUG; a run that moved something keeps its "succeeded: N" line, and the
 task's own line that says what it did.
@@ -31,7 +32,8 @@ from celery.app.trace import LOG_RECEIVED, LOG_SUCCESS
 DRAIN_TASK = "fulfilment.maintenance.drain_intake"
 RELEASE_TASK = "fulfilment.maintenance.release_bulk"
 EXPIRE_TASK = "fulfilment.maintenance.expire_holds"
-QUIET_WHEN_IDLE = frozenset({DRAIN_TASK, RELEASE_TASK, EXPIRE_TASK})
+CALLBACK_TASK = "fulfilment.maintenance.deliver_callbacks"
+QUIET_WHEN_IDLE = frozenset({DRAIN_TASK, RELEASE_TASK, EXPIRE_TASK, CALLBACK_TASK})
 #: ``argsrepr`` of a task called with one reference: ``('shop-42',)``.
 _ONE_REFERENCE = re.compile(r"\(\s*'([A-Za-z0-9._:-]{1,64})',?\s*\)")
 _REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")

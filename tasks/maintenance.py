@@ -1,12 +1,13 @@
 """Periodic work, run by celery beat: the recovery sweep, the Redis-list intake and the
-unsettled intents' reads; and the dispatches owed, sent again by a worker as soon as it has
-the broker back."""
+unsettled intents' reads; callbacks to shops; and the dispatches owed, sent again by a
+worker as soon as it has the broker back."""
 
 from __future__ import annotations
 
 import re
 
 from fulfilment import recovery, settlement
+from fulfilment.callbacks import CallbackSender, SenderConfig
 from fulfilment.intake import Intake
 from fulfilment.intake_queue import QueueIntake
 from fulfilment.keys import Keys
@@ -69,3 +70,16 @@ _DRAINER = re.compile(r"[0-9a-f]{32}")
 def _send_helpers(drainers: list[str]) -> None:
     for drainer in drainers:
         drain_intake.apply_async(kwargs={"drainer": drainer})
+
+
+@app.task(name="fulfilment.maintenance.deliver_callbacks", ignore_result=True)
+def deliver_callbacks() -> int:
+    """POST the outcomes due to shops' callback URLs (``fulfilment.callbacks``): one run at
+    a time, a few seconds at most; another beat's run meanwhile returns at once."""
+    services = runtime.services()
+    settings = services.settings
+    if not settings.callback_routes:
+        return 0
+    sender = CallbackSender(services.ledger.redis, Keys(settings.key_prefix),
+                            SenderConfig.from_settings(settings), services.clock)
+    return sender.run().delivered

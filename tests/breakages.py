@@ -42,6 +42,9 @@ REFUNDS = "tests/unit/test_refunds.py"
 REFUNDS_E2E = "tests/integration/test_refunds_e2e.py"
 CONTENTION = ("tests/integration/test_lease_contention.py::"
               "test_a_stale_holder_cannot_buy_the_intent_a_second_time")
+CALLBACKS = "tests/unit/test_callbacks.py"
+CALLBACKS_E2E = ("tests/integration/test_callbacks_e2e.py::"
+                 "test_an_endpoint_down_gets_every_outcome_once_back_and_purchases_went_on")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,29 @@ BREAKAGES = (
              ("tests/unit/test_sandbox_refunds.py::"
               "test_a_refund_puts_the_seats_back_on_sale_and_reads_back",
               f"{REFUNDS_E2E}::test_a_refund_asked_for_twice_is_one_refund")),
+    Breakage("callback-outbox", "every outcome is queued for the shop's callback URL",
+             "fulfilment/results.py", r"self\._callbacks\.add\(result\)", "pass",
+             (CALLBACKS_E2E,)),
+    Breakage("callback-endpoint-hold", "a failing callback endpoint is left alone while held",
+             "fulfilment/callbacks.py",
+             r'elif holds\.get\(url, \{\}\)\.get\("until", 0\.0\) > now:', "elif False:",
+             (f"{CALLBACKS}::test_a_failing_endpoint_is_held_with_backoff_and_gets_everything_"
+              "when_back",)),
+    Breakage("callback-address-check", "a callback never reaches an address not allowed",
+             "fulfilment/callbacks.py",
+             r"refused = \[a for a in addresses if not self\.address_allowed\(host, a\)\]",
+             "refused: list[str] = []",
+             (f"{CALLBACKS}::test_a_name_resolving_to_a_private_address_is_refused_at_send_time",
+              f"{CALLBACKS}::test_a_refused_address_is_never_connected_to")),
+    Breakage("callback-signature-time", "a callback's signature covers its time",
+             "fulfilment/callbacks.py", r'f"\{timestamp\}\."\.encode\(\) \+ body', "body",
+             (f"{CALLBACKS}::test_the_signature_is_t_and_an_hmac_of_the_time_and_the_body",
+              f"{CALLBACKS}::test_verify_accepts_the_signed_body_and_nothing_else")),
+    Breakage("callback-secret-required", "no callback URL without the secret that signs it",
+             "fulfilment/config.py", r"if len\(self\.callback_secret\) < 16:", "if False:",
+             (f"{CALLBACKS}::test_start_up_refuses_callbacks_without_a_secret_or_to_a_forbidden_"
+              "host",
+              f"{CALLBACKS}::test_a_worker_with_a_callback_url_and_no_secret_stops_with_exit_78")),
 )
 
 

@@ -189,7 +189,7 @@ def test_a_secret_set_twice_is_refused(tmp_path: Path) -> None:
 def test_only_secrets_and_urls_with_passwords_are_read_from_files(tmp_path: Path) -> None:
     assert {s.env for s in SETTINGS if s.from_file} == {
         "ONEBOX_API_KEY", "FULFILMENT_REDIS_URL", "FULFILMENT_BROKER_URL",
-        "FULFILMENT_WEBHOOK_SECRET"}
+        "FULFILMENT_WEBHOOK_SECRET", "FULFILMENT_CALLBACK_SECRET"}
     assert all(s.from_file for s in SETTINGS if s.secret)
     lease_file = tmp_path / "lease"
     lease_file.write_text("99")
