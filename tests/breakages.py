@@ -38,6 +38,8 @@ FLOW = "tests/unit/test_flow.py"
 ECHO = "tests/integration/test_onebox_echo.py::test_an_error_echoing_the_buyer_holds_none_of_it"
 LOGS = "tests/integration/test_log_redaction.py::test_no_secret_or_buyer_data_in_any_log"
 LEDGER = "tests/integration/test_ledger_scripts.py"
+TABLE = "tests/integration/test_purchase_table.py"
+STOPS = "tests/unit/test_stops.py"
 CONTENTION = ("tests/integration/test_lease_contention.py::"
               "test_a_stale_holder_cannot_buy_the_intent_a_second_time")
 
@@ -107,6 +109,28 @@ BREAKAGES = (
     Breakage("ledger-finish-idempotence", "an intent's outcome is written once",
              "fulfilment/ledger.py", r"^if existing then return existing end\n", "",
              (f"{LEDGER}::test_an_outcome_is_written_once_and_counted_once",)),
+    Breakage("stop-refused-after-confirm-sent", "a cancel after the confirm was sent is too "
+             "late and changes nothing", "fulfilment/ledger.py",
+             r"^if redis\.call\('HGET', KEYS\[1\], 'confirm_sent'\) == '1' then return "
+             r"'too_late' end\n", "",
+             (f"{TABLE}::test_each_pair_moves_as_the_table_says_and_ends_once[CONFIRM_SENT-CANCEL]",
+              f"{STOPS}::test_a_cancel_after_the_confirm_was_sent_is_too_late_and_changes_nothing")),
+    Breakage("confirm-mark-unless-stopped", "nothing is bought after a cancel was acknowledged",
+             "fulfilment/ledger.py",
+             r"(_RECORD_UNLESS_STOPPED = _GUARD \+ \"\"\"\n"
+             r"local stop = redis\.call\('HGET', KEYS\[1\], 'stop'\)\n)if [^\n]*\n",
+             r"\1if false then return -4 end\n",
+             (f"{TABLE}::test_a_cancel_recorded_as_the_confirm_is_about_to_go_out_wins",)),
+    Breakage("stop-seen-mid-run", "a cancel recorded mid-run stops the run at its next step",
+             "fulfilment/flow.py",
+             r"\n[ ]+if stop is not None and stop\.stop and not stop\.confirm_sent:\n"
+             r"[ ]+raise StopRecordedError\([^\n]*\n", "\n",
+             (f"{TABLE}::test_a_cancel_recorded_while_a_call_is_out_stops_the_run_at_its_next_step",)),
+    Breakage("stop-seen-at-run-start", "a run finds a stop recorded before it and releases",
+             "fulfilment/flow.py",
+             r"\n[ ]+if entry\.stop and not entry\.confirm_sent:\n"
+             r"[ ]+raise StopRecordedError\([^\n]*\n", "\n",
+             (f"{TABLE}::test_each_pair_moves_as_the_table_says_and_ends_once[HELD-CANCEL]",)),
 )
 
 
