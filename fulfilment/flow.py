@@ -525,7 +525,10 @@ def _stop(services: Services, reference: str) -> Decision:
     if entry.finished:
         return Proceed()
     with bound(step="stop"):
-        released = _release(services, entry, probe=entry.pending is not None)
+        # Refused for good (the basket gone, or an order Onebox will not release) is
+        # Onebox's last word: nothing more to release, its seats are left to expire.
+        released = _release(services, entry, probe=entry.pending is not None,
+                            refusal_is_final=True)
         if not released:
             failures = services.ledger.count_failure(reference)
             if failures < STOP_RELEASE_TRIES:
@@ -891,7 +894,8 @@ def _reconcile_uncoded(services: Services, entry: Entry, exc: PermanentError) ->
     return _restart_basket(services, entry.reference, lost)
 
 
-def _release(services: Services, entry: Entry, *, probe: bool = False) -> bool:
+def _release(services: Services, entry: Entry, *, probe: bool = False,
+             refusal_is_final: bool = False) -> bool:
     """Give the basket's seats back; True when all it may hold was released.
 
     Best effort: an abandoned basket expires by itself. With ``probe``, a call
@@ -913,6 +917,10 @@ def _release(services: Services, entry: Entry, *, probe: bool = False) -> bool:
             return known
         try:
             answer = services.client.release_seats(entry.order_id, item_ids)
+        except PermanentError as exc:
+            log.warning("release of basket %s refused (it will expire): %s", entry.order_id,
+                        exc)
+            return refusal_is_final
         except FulfilmentError as exc:
             log.warning("could not release basket %s (it will expire): %s", entry.order_id, exc)
             return False
@@ -1035,7 +1043,7 @@ def _result(services: Services, entry: Entry, status: str, *, order_code: str | 
         order_code=_clip(order_code),
         order_id=_clip(order_id if status == CONFIRMED else entry.order_id),
         error=error,
-        attempts=entry.attempts,
+        attempts=max(entry.attempts, 1),  # cancelled before any run: none yet
         submitted_at=entry.submitted_at,
         finished_at=datetime.fromtimestamp(services.clock(), UTC),
         metadata=entry.result_metadata,

@@ -193,8 +193,9 @@ TABLE: dict[tuple[State, Event], Move] = {
                                                   "expired, for a lapsed hold)"),
     (_S.STOPPING, Event.REFUSED): Move(_S.STOPPING, "the release is tried again, a few times; "
                                                     "then the basket is left to expire"),
-    (_S.STOPPING, Event.REJECTED): Move(_S.CANCELLED, "nothing to release: cancelled (or "
-                                                      "expired)"),
+    (_S.STOPPING, Event.REJECTED): Move(_S.CANCELLED, "Onebox will not release it: "
+                                                      "cancelled (or expired); what it still "
+                                                      "holds is left to expire"),
     (_S.STOPPING, Event.LOST): Move(_S.STOPPING, "the release is tried again, a few times"),
     (_S.STOPPING, Event.GONE): Move(_S.CANCELLED, "the basket expired: nothing held, "
                                                   "cancelled (or expired)"),

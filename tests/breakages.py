@@ -40,6 +40,8 @@ LOGS = "tests/integration/test_log_redaction.py::test_no_secret_or_buyer_data_in
 LEDGER = "tests/integration/test_ledger_scripts.py"
 REFUNDS = "tests/unit/test_refunds.py"
 REFUNDS_E2E = "tests/integration/test_refunds_e2e.py"
+TABLE = "tests/integration/test_purchase_table.py"
+STOPS = "tests/unit/test_stops.py"
 CONTENTION = ("tests/integration/test_lease_contention.py::"
               "test_a_stale_holder_cannot_buy_the_intent_a_second_time")
 CALLBACKS = "tests/unit/test_callbacks.py"
@@ -153,6 +155,28 @@ BREAKAGES = (
              (f"{CALLBACKS}::test_start_up_refuses_callbacks_without_a_secret_or_to_a_forbidden_"
               "host",
               f"{CALLBACKS}::test_a_worker_with_a_callback_url_and_no_secret_stops_with_exit_78")),
+    Breakage("stop-refused-after-confirm-sent", "a cancel after the confirm was sent is too "
+             "late and changes nothing", "fulfilment/ledger.py",
+             r"^if redis\.call\('HGET', KEYS\[1\], 'confirm_sent'\) == '1' then return "
+             r"'too_late' end\n", "",
+             (f"{TABLE}::test_each_pair_moves_as_the_table_says_and_ends_once[CONFIRM_SENT-CANCEL]",
+              f"{STOPS}::test_a_cancel_after_the_confirm_was_sent_is_too_late_and_changes_nothing")),
+    Breakage("confirm-mark-unless-stopped", "nothing is bought after a cancel was acknowledged",
+             "fulfilment/ledger.py",
+             r"(_RECORD_UNLESS_STOPPED = _GUARD \+ \"\"\"\n"
+             r"local stop = redis\.call\('HGET', KEYS\[1\], 'stop'\)\n)if [^\n]*\n",
+             r"\1if false then return -4 end\n",
+             (f"{TABLE}::test_a_cancel_recorded_as_the_confirm_is_about_to_go_out_wins",)),
+    Breakage("stop-seen-mid-run", "a cancel recorded mid-run stops the run at its next step",
+             "fulfilment/flow.py",
+             r"\n[ ]+if stop is not None and stop\.stop and not stop\.confirm_sent:\n"
+             r"[ ]+raise StopRecordedError\([^\n]*\n", "\n",
+             (f"{TABLE}::test_a_cancel_recorded_while_a_call_is_out_stops_the_run_at_its_next_step",)),
+    Breakage("stop-seen-at-run-start", "a run finds a stop recorded before it and releases",
+             "fulfilment/flow.py",
+             r"\n[ ]+if entry\.stop and not entry\.confirm_sent:\n"
+             r"[ ]+raise StopRecordedError\([^\n]*\n", "\n",
+             (f"{TABLE}::test_each_pair_moves_as_the_table_says_and_ends_once[HELD-CANCEL]",)),
 )
 
 
