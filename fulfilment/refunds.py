@@ -282,6 +282,15 @@ class RefundLedger:
                                           start=0, num=limit)
         return [text(refund_id) for refund_id in found]
 
+    def touch(self, refund_id: str) -> None:
+        """Count now as progress (the sweep, as it dispatches the refund again), so the
+        next sweep gives that dispatch ``stuck_after`` to work; never re-adds a finished one."""
+        self.redis.zadd(self.keys.open_refunds, {refund_id: self._clock()}, xx=True)
+
+    def forget_open(self, refund_id: str) -> None:
+        """Take a refund out of the open set: its entry is gone, published, or unreadable."""
+        self.redis.zrem(self.keys.open_refunds, refund_id)
+
 
 # --- taking a request in ---------------------------------------------------------------
 
@@ -603,17 +612,38 @@ class _Run:
         return entry.outcome
 
 
+#: Errors that say a refund entry can never be read (as the recovery sweep's for intents).
+UNREADABLE = (ValidationError, ValueError, KeyError, TypeError)
+
+
 def resume_stuck(services: Services, dispatch: Callable[[Mapping[str, Any]], None], *,
-                 older_than: float) -> list[str]:
+                 older_than: float, limit: int = 500) -> list[str]:
     """Dispatch again every refund owed something with no progress for ``older_than``
-    seconds (its message was lost): the recovery sweep's part for refunds."""
+    seconds (its message was lost): the recovery sweep's part for refunds.
+
+    Each is marked as progressing before it is dispatched, so the next sweep leaves
+    it be for ``older_than``; the refund's lease keeps a late original from racing it.
+    A passing Redis error drops nothing (it is raised; the next sweep finds it again).
+    """
     store = RefundLedger.of(services)
     resumed = []
-    for refund_id in store.stuck(services.clock() - older_than):
-        entry = store.get(refund_id)
-        if entry is None:
-            services.ledger.redis.zrem(store.keys.open_refunds, refund_id)
+    for refund_id in store.stuck(services.clock() - older_than, limit=limit):
+        try:
+            entry = store.get(refund_id)
+        except UNREADABLE as exc:
+            log.exception("refund entry %s is unreadable; sent to the failures queue",
+                          refund_id)
+            services.publisher.publish_failure(
+                f"unreadable refund entry: {type(exc).__name__}", {"refund_id": [refund_id]},
+                None)
+            store.forget_open(refund_id)
             continue
+        if entry is None or (entry.outcome is not None and entry.published):
+            store.forget_open(refund_id)  # expired, or done meanwhile
+            continue
+        store.touch(refund_id)
+        with bound(reference=entry.request.reference or refund_id, step="sweep"):
+            log.info("refund %s stuck (%s): dispatched again", refund_id, entry.state)
         dispatch(dump_refund(entry.request))
         resumed.append(refund_id)
     return resumed

@@ -682,13 +682,14 @@ def _host_port_option(value: str) -> str:
 
 @cli.command()
 def sweep() -> None:
-    """Resume intents stuck past FULFILMENT_STUCK_AFTER (what celery beat runs)."""
+    """Resume intents and refunds stuck past FULFILMENT_STUCK_AFTER (what celery beat runs)."""
     from fulfilment import recovery
     from tasks import runtime
     from tasks.purchase import dispatch
+    from tasks.refunds import dispatch_refund
 
-    resumed = recovery.sweep(runtime.services(), dispatch)
-    click.echo(json.dumps({"resumed": resumed}))
+    swept = recovery.sweep_all(runtime.services(), dispatch, dispatch_refund)
+    click.echo(json.dumps({"resumed": swept.intents, "refunds": swept.refunds}))
 
 
 def main() -> None:

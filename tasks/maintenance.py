@@ -1,6 +1,6 @@
-"""Periodic work, run by celery beat: the recovery sweep, the Redis-list intake and the
-unsettled intents' reads; callbacks to shops; and the dispatches owed, sent again by a
-worker as soon as it has the broker back."""
+"""Periodic work, run by celery beat: the recovery sweep (intents and refunds), the
+Redis-list intake and the unsettled intents' reads; callbacks to shops; and the dispatches
+owed, sent again by a worker as soon as it has the broker back."""
 
 from __future__ import annotations
 
@@ -18,13 +18,16 @@ from tasks import runtime
 from tasks.app import app
 from tasks.producer import producer
 from tasks.purchase import INFRA_ERRORS, dispatch_many, resume
+from tasks.refunds import dispatch_refund
 
 
 @app.task(name="fulfilment.maintenance.sweep", ignore_result=True)
 def sweep() -> int:
+    """Resume the intents and the refunds stuck past ``FULFILMENT_STUCK_AFTER``."""
     # Owed dispatches first: each claim records progress, so the sweep leaves them be.
     resend_owed()
-    return len(recovery.sweep(runtime.services(), resume))
+    swept = recovery.sweep_all(runtime.services(), resume, dispatch_refund)
+    return len(swept.intents) + len(swept.refunds)
 
 
 @app.task(name="fulfilment.maintenance.settle_unsettled", ignore_result=True)
