@@ -82,7 +82,7 @@ def chaos(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 
 def _chaos_cluster(tmp_path: Path, broker_url: str | None,
-                   basket_ttl: int = 20) -> Iterator[Cluster]:
+                   basket_ttl: int = 20, **overrides: Any) -> Iterator[Cluster]:
     require("redis-server", subprocess.run(["which", "redis-server"], capture_output=True,
                                            check=False).returncode == 0)
     server = RedisServer(tmp_path / "redis", free_port(), appendfsync=APPENDFSYNC,
@@ -95,7 +95,7 @@ def _chaos_cluster(tmp_path: Path, broker_url: str | None,
         retry_base_delay=0.05, retry_max_delay=1.0, retry_deadline=600, retry_max_attempts=12,
         visibility_timeout=20, task_soft_time_limit=8, task_time_limit=10,
         stuck_after=20, sweep_interval=5, require_durable_redis=APPENDFSYNC == "always",
-    )
+    ).with_overrides(**overrides)
     configure(settings)
     cluster = Cluster(settings, sandbox, tmp_path)
     cluster.redis_server = server  # type: ignore[attr-defined]
