@@ -166,7 +166,9 @@ class Stops:
             return None, None
         if entry.order_id is not None or entry.pending is not None:
             return entry.batch, None
-        return entry.batch, stopped_result(self._services, replace(entry, stop="cancel"))
+        # Never run yet (0 attempts): the result contract counts one or more, the cancel's.
+        return entry.batch, stopped_result(
+            self._services, replace(entry, stop="cancel", attempts=max(entry.attempts, 1)))
 
     def _publish(self, reference: str) -> None:
         """Publish an outcome written here; if this process dies first, the sweep does."""
