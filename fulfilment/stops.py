@@ -185,9 +185,7 @@ class Stops:
             return None, None
         if entry.order_id is not None or entry.pending is not None:
             return entry.batch, None
-        # Never run yet (0 attempts): the result contract counts one or more, the cancel's.
-        return entry.batch, stopped_result(
-            self._services, replace(entry, stop="cancel", attempts=max(entry.attempts, 1)))
+        return entry.batch, stopped_result(self._services, replace(entry, stop="cancel"))
 
     def _publish(self, outcomes: Sequence[tuple[OrderResult, str | None]]) -> None:
         """Publish outcomes written here, then mark them published (a round trip a chunk);
