@@ -30,7 +30,9 @@ BENCHMARKS: dict[str, list[str]] = {
     "intake": ["intake.py", "--intents", "20000"],
     "session-cap": ["session_cap.py", "--intents", "200"],
     "redis-clock": ["redis_clock.py", "--orders", "300", "--rounds", "5"],
-    "lanes": ["lanes.py", "--a-lines", "10000", "--b-lines", "1000"],
+    "lanes": ["lanes.py", "--a-lines", "10000", "--b-lines", "1000", "--cancel", "--holds"],
+    # Only issue 16's phases of it (cancel a running batch, holds), about 4 minutes.
+    "lanes-stops": ["lanes.py", "--skip-lanes", "--cancel", "--holds"],
 }
 
 

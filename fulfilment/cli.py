@@ -8,7 +8,8 @@ Celery, and the console script starts from ``tasks.commands:main``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC
 from typing import IO, Any
 
@@ -105,6 +106,21 @@ def results(jsonl: IO[str] | None, count: int | None, idle_timeout: float | None
     click.echo(f"{seen} message(s) read", err=True)
 
 
+@contextmanager
+def ledger_client(settings_: Settings) -> Iterator[redis.Redis]:
+    """A Redis client on the ledger, for one command; Redis unreachable is one line."""
+    from fulfilment.wiring import redis_client
+
+    client = redis_client(settings_)
+    try:
+        yield client
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot read the ledger at {mask_url(settings_.redis_url)}: "
+                                   f"{type(exc).__name__}") from None
+    finally:
+        client.close()
+
+
 @cli.group()
 def batch() -> None:
     """How a batch of intents stands (the intents' 'batch' field; 'submit --batch')."""
@@ -117,20 +133,13 @@ def batch_status(batch_id: str, as_json: bool) -> None:
     """Counts by state and the oldest open intent, from the ledger (exit 1 if unknown)."""
     from fulfilment.batches import batch_status as read_status
     from fulfilment.batches import describe
-    from fulfilment.wiring import redis_client
 
     settings_ = load_settings()
     if not BATCH_ID.fullmatch(batch_id):
         raise click.BadParameter("a batch id is 1-64 of A-Z a-z 0-9 . _ : -",
                                  param_hint="BATCH_ID")
-    client = redis_client(settings_)
-    try:
+    with ledger_client(settings_) as client:
         status = read_status(client, Keys(settings_.key_prefix), batch_id)
-    except redis.RedisError as exc:
-        raise click.ClickException(f"cannot read the ledger at {mask_url(settings_.redis_url)}: "
-                                   f"{type(exc).__name__}") from None
-    finally:
-        client.close()
     if as_json:
         click.echo(json.dumps(status.as_dict(), sort_keys=True))
     else:
@@ -169,22 +178,15 @@ def status(references: tuple[str, ...], as_json: bool) -> None:
     """Where each intent stands, from the ledger (no buyer data). Exit 1 if any is unknown."""
     from fulfilment.lookup import as_json as status_json
     from fulfilment.lookup import describe, intent_status
-    from fulfilment.wiring import redis_client
 
     settings_ = load_settings()
     keys = Keys(settings_.key_prefix)
-    client = redis_client(settings_)
     unknown = 0
-    try:
+    with ledger_client(settings_) as client:
         for reference in references:
             found = intent_status(client, keys, reference)
             unknown += not found.found
             click.echo(status_json(found) if as_json else "\n".join(describe(found)))
-    except redis.RedisError as exc:
-        raise click.ClickException(f"cannot read the ledger at {mask_url(settings_.redis_url)}: "
-                                   f"{type(exc).__name__}") from None
-    finally:
-        client.close()
     if unknown:
         raise SystemExit(1)
 
@@ -221,18 +223,11 @@ def unsettled(batch_id: str | None, as_json: bool) -> None:
     """
     from fulfilment.clock import redis_time
     from fulfilment.unsettled import UnsettledIndex, describe_age
-    from fulfilment.wiring import redis_client
 
     settings_ = load_settings()
-    client = redis_client(settings_)
-    try:
+    with ledger_client(settings_) as client:
         now = redis_time(client)
         found = UnsettledIndex(client, Keys(settings_.key_prefix)).all(batch=batch_id)
-    except redis.RedisError as exc:
-        raise click.ClickException(f"cannot read the ledger at {mask_url(settings_.redis_url)}: "
-                                   f"{type(exc).__name__}") from None
-    finally:
-        client.close()
     if as_json:
         for item in found:
             click.echo(json.dumps(item.as_dict(now), sort_keys=True))

@@ -38,7 +38,7 @@ from fulfilment.keys import Keys
 from fulfilment.redis_text import text
 from fulfilment.release import waiting as bulk_waiting
 from fulfilment.topology import Topology, is_amqp
-from fulfilment.unsettled import SETTLE_CAP, UnsettledIndex
+from fulfilment.unsettled import SETTLE_CAP, UnsettledIndex, describe_age
 
 OK, DEGRADED, UNHEALTHY, SKIPPED = "ok", "degraded", "unhealthy", "skipped"
 _RANK = {OK: 0, SKIPPED: 0, DEGRADED: 1, UNHEALTHY: 2}
@@ -254,7 +254,8 @@ def _check_stuck(settings: Settings, keys: Keys, client: redis.Redis, now: float
     if not stuck:
         return Check("stuck", OK, f"none of {open_count} open intents has had {threshold}",
                      data)
-    named = ", ".join(f"{item['reference']} ({_ago(float(item['idle_s']))})" for item in listed)
+    named = ", ".join(f"{item['reference']} ({describe_age(float(item['idle_s']))})"
+                      for item in listed)
     return Check("stuck", DEGRADED, f"{stuck} of {open_count} open intents have had "
                  f"{threshold}: {named}; is the recovery sweep (celery beat) running, "
                  f"and a worker?", data)
@@ -273,9 +274,9 @@ def _check_intake(settings: Settings, keys: Keys, client: redis.Redis, now: floa
                      "running (celery -A tasks beat, or a worker with -B)?", data)
     age = now - drained
     if age > stale_after:
-        return Check("intake", DEGRADED, f"last drained {_ago(age)} ago, more than "
+        return Check("intake", DEGRADED, f"last drained {describe_age(age)} ago, more than "
                      f"{stale_after:g} s ({waiting} waiting): is celery beat running?", data)
-    return Check("intake", OK, f"last drained {_ago(age)} ago, {waiting} waiting", data)
+    return Check("intake", OK, f"last drained {describe_age(age)} ago, {waiting} waiting", data)
 
 
 def _check_unsettled(settings: Settings, keys: Keys, client: redis.Redis,
@@ -288,7 +289,7 @@ def _check_unsettled(settings: Settings, keys: Keys, client: redis.Redis,
             "degraded_after_s": UNSETTLED_DEGRADED_AFTER, "settle_for_s": settings.settle_for}
     if not waiting.count:
         return Check("unsettled", OK, "none", data)
-    shown = f"{waiting.count} unsettled, the oldest for {_ago(oldest)}"
+    shown = f"{waiting.count} unsettled, the oldest for {describe_age(oldest)}"
     if waiting.off_schedule:
         return Check("unsettled", DEGRADED, f"{shown}; {waiting.off_schedule} no longer read "
                      f"again (past FULFILMENT_SETTLE_FOR, {settings.settle_for:g} s): ask "
@@ -312,11 +313,11 @@ def _check_callbacks(settings: Settings, keys: Keys, client: redis.Redis, now: f
             "failing": {url: {"failures": hold.get("failures"), "reason": hold.get("reason"),
                               "failing_for_s": round(now - float(hold.get("since", now)), 1)}
                         for url, hold in waiting.failing.items()}}
-    failing = "; ".join(f"{url} failing for {_ago(now - float(hold.get('since', now)))} "
+    failing = "; ".join(f"{url} failing for {describe_age(now - float(hold.get('since', now)))} "
                         f"({hold.get('reason')})" for url, hold in waiting.failing.items())
     detail = f"{waiting.pending} waiting"
     if waiting.pending:
-        detail += f", oldest {_ago(waiting.oldest_age)}"
+        detail += f", oldest {describe_age(waiting.oldest_age)}"
     if failing:
         detail += f"; {failing}"
     if waiting.oldest_age > stale_after:
@@ -328,12 +329,3 @@ def _check_callbacks(settings: Settings, keys: Keys, client: redis.Redis, now: f
 def callback_stale_after(settings: Settings) -> float:
     """Seconds a callback may wait before health says degraded: a few full backoffs."""
     return max(CALLBACK_STALE_MIN, CALLBACK_STALE_DELAYS * settings.callback_max_delay)
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(seconds, 0.0)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"

@@ -751,6 +751,20 @@ class Ledger:
         self._write_counted(self._published, reference, self._batches.get(reference))
         self._remember(reference, {"published": "1"})
 
+    def mark_many_published(self, published: Sequence[tuple[str, str | None]]) -> None:
+        """``mark_published`` for many (reference, its batch), in one round trip: for a
+        process that holds no lease on them (the shop's cancel publishing what it wrote)."""
+        now = repr(self._clock())
+        pipe = self.redis.pipeline(transaction=False)
+        for reference, batch in published:
+            keys = [self._keys.ledger(reference), self._keys.open_intents,
+                    self._keys.lease(reference), *(self._batch_keys(batch) if batch else [])]
+            self._published(keys=keys, args=[now, self._retention, reference, "", batch or ""],
+                            client=pipe)
+        for (reference, _), answer in zip(published, pipe.execute(), strict=True):
+            if answer == -3:  # its batch is not the one named: on its own, which reads it
+                self.mark_published(reference)
+
     def _remember(self, reference: str, changes: Mapping[str, str],
                   drop: Sequence[str] = ()) -> None:
         """Keep the lease holder's copy of the entry as it now stands in Redis."""

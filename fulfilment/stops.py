@@ -23,18 +23,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 
 from fulfilment.flow import Services, stopped_result
 from fulfilment.ledger import Entry, UnknownIntentError
 from fulfilment.logcontext import bound
+from fulfilment.results import ResultPublisher
+from fulfilment.topology import Topology
+from fulfilment.wiring import broker_connection
 from schemas.result import OrderResult
 
 log = logging.getLogger(__name__)
 
 #: References per pipelined round trip when cancelling many.
 CHUNK = 500
+#: Threads publishing the outcomes a big cancel wrote (see ``Stops._publish``).
+PUBLISHERS = 4
 
 
 @dataclass(frozen=True)
@@ -103,15 +109,26 @@ class Stops:
         self._send_on = send_on
 
     def cancel(self, references: Iterable[str]) -> Iterator[Answer]:
-        """Cancel each reference; answers in order, ``CHUNK`` per round trip."""
+        """Cancel each reference; answers in order, ``CHUNK`` per round trip.
+
+        Every stop is recorded first, chunk after chunk, and the outcomes written
+        here are published after the last (also when the caller stops reading):
+        publishing is one broker round trip each, and a batch's stops should not
+        wait for it. An outcome not yet published is the sweep's to publish if
+        this process dies first (its open set's score).
+        """
         chunk: list[str] = []
-        for reference in references:
-            chunk.append(reference)
-            if len(chunk) >= CHUNK:
-                yield from self._cancel_chunk(chunk)
-                chunk = []
-        if chunk:
-            yield from self._cancel_chunk(chunk)
+        written: list[tuple[OrderResult, str | None]] = []
+        try:
+            for reference in references:
+                chunk.append(reference)
+                if len(chunk) >= CHUNK:
+                    yield from self._cancel_chunk(chunk, written)
+                    chunk = []
+            if chunk:
+                yield from self._cancel_chunk(chunk, written)
+        finally:
+            self._publish(written)
 
     def cancel_batch(self, batch: str) -> Iterator[Answer]:
         """Cancel every intent of the batch still without an outcome."""
@@ -143,15 +160,17 @@ class Stops:
             log.info("%d holds lapsed: released and published as expired", len(lapsed))
         return len(lapsed)
 
-    def _cancel_chunk(self, references: Sequence[str]) -> list[Answer]:
+    def _cancel_chunk(self, references: Sequence[str],
+                      written: list[tuple[OrderResult, str | None]]) -> list[Answer]:
+        """Record a chunk's stops; the outcomes written now go to ``written``."""
         entries = self._ledger.get_many(references)
-        verdicts = self._ledger.request_stops(
-            [(reference, self._outcome_now(entry)) for reference, entry
-             in zip(references, entries, strict=True)])
+        outcomes = [self._outcome_now(entry) for entry in entries]
+        verdicts = self._ledger.request_stops(list(zip(references, outcomes, strict=True)))
         answers, send = [], []
-        for reference, entry, verdict in zip(references, entries, verdicts, strict=True):
-            if verdict == "finished" and entry is not None:
-                self._publish(reference)
+        for reference, (batch, outcome), verdict in zip(references, outcomes, verdicts,
+                                                        strict=True):
+            if verdict == "finished" and outcome is not None:
+                written.append((outcome, batch))  # the script wrote this one, as it is
             elif verdict == "stopping":
                 send.append(reference)
             answers.append(_answer(reference, verdict, _CANCEL, "cancel"))
@@ -168,12 +187,37 @@ class Stops:
             return entry.batch, None
         return entry.batch, stopped_result(self._services, replace(entry, stop="cancel"))
 
-    def _publish(self, reference: str) -> None:
-        """Publish an outcome written here; if this process dies first, the sweep does."""
-        entry = self._ledger.get(reference)
-        if entry is not None and entry.outcome is not None and not entry.published:
-            self._services.publisher.publish(entry.outcome)
-            self._ledger.mark_published(reference)
+    def _publish(self, outcomes: Sequence[tuple[OrderResult, str | None]]) -> None:
+        """Publish outcomes written here, then mark them published (a round trip a chunk);
+        if this process dies between the two, the sweep publishes them again.
+
+        More than a chunk: ``PUBLISHERS`` threads share them, each on a broker
+        connection of its own (a publish is a round trip, an fsync on a durable
+        Redis: they overlap).
+        """
+        if len(outcomes) <= CHUNK:
+            self._publish_with(self._services.publisher, outcomes)
+            return
+        share = -(-len(outcomes) // PUBLISHERS)
+        with ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="cancel-publish") as pool:
+            running = [pool.submit(self._publish_own, outcomes[start:start + share])
+                       for start in range(0, len(outcomes), share)]
+        for each in running:
+            each.result()
+
+    def _publish_own(self, outcomes: Sequence[tuple[OrderResult, str | None]]) -> None:
+        settings = self._services.settings
+        with broker_connection(settings) as connection:
+            self._publish_with(ResultPublisher(connection, Topology.for_keys(
+                self._ledger.keys, settings.effective_broker_url)), outcomes)
+
+    def _publish_with(self, publisher: ResultPublisher,
+                      outcomes: Sequence[tuple[OrderResult, str | None]]) -> None:
+        for start in range(0, len(outcomes), CHUNK):
+            chunk = outcomes[start:start + CHUNK]
+            for outcome, _ in chunk:
+                publisher.publish(outcome)
+            self._ledger.mark_many_published([(o.reference, batch) for o, batch in chunk])
 
     @staticmethod
     def _verdict(ask: Callable[[], str]) -> str:
@@ -183,4 +227,4 @@ class Stops:
             return "unknown"
 
 
-__all__ = ["CHUNK", "Answer", "Stops"]
+__all__ = ["CHUNK", "PUBLISHERS", "Answer", "Stops"]

@@ -294,6 +294,9 @@ class SandboxState:
         self._expired = 0
         self._expired_docs: dict[str, dict[str, Any]] = {}
         self._confirmed_by_ref: dict[str, list[str]] = {}
+        #: Order code -> when Onebox confirmed it (this sandbox's clock): a benchmark
+        #: compares it with when a cancel was acknowledged.
+        self._confirmed_at: dict[str, float] = {}
         self._confirmed_without_ref = 0
         self._sold_by_session: dict[int, int] = {}
         self._sold_twice = 0
@@ -582,6 +585,7 @@ class SandboxState:
         order.payments = payments
         del self._open[order.id]
         assert order.code is not None
+        self._confirmed_at[order.code] = self._clock()
         if external_code is None:
             self._confirmed_without_ref += 1
         else:
@@ -703,6 +707,7 @@ class SandboxState:
             "orders": orders,
             "orders_expired": self._expired,
             "confirmed": {ref: list(codes) for ref, codes in self._confirmed_by_ref.items()},
+            "confirmed_at": dict(self._confirmed_at),
             "duplicates": {ref: len(codes) for ref, codes in self._confirmed_by_ref.items()
                            if len(codes) > 1},
             "confirmed_without_external_code": self._confirmed_without_ref,

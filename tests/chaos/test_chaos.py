@@ -43,6 +43,7 @@ from fulfilment.harness.processes import RedisServer, SandboxProcess, child_pids
 from fulfilment.results import consume_failures, consume_results
 from fulfilment.wiring import broker_connection, redis_client
 from schemas.intent import SeatRef
+from schemas.result import HELD, OrderResult
 from tasks import app as celery_app
 from tasks.app import configure
 from tests.services import free_port, rabbitmq_vhost, require, unique_prefix
@@ -100,6 +101,7 @@ def _chaos_cluster(tmp_path: Path, broker_url: str | None,
     cluster = Cluster(settings, sandbox, tmp_path)
     cluster.redis_server = server  # type: ignore[attr-defined]
     cluster.chaos_intents = RABBITMQ_INTENTS if broker_url else INTENTS  # type: ignore[attr-defined]
+    cluster.basket_ttl = basket_ttl  # type: ignore[attr-defined]
     # The recovery sweep runs in every scenario, as in production: a broker may
     # lose a message (a Redis restart between BRPOP and the unacked write does),
     # and the ledger is what finds it again.
@@ -528,3 +530,139 @@ def test_every_other_answer_onebox_might_give(chaos: Cluster) -> None:
         verify(chaos, f"Onebox answers {key}={json.dumps(value)}", documents, len(documents),
                before_settling=restore if key == "orders_mgmt_read" else None)
         restore()
+
+
+#: Intents of the cancel scenario: one in four a hold. Its length is the holds' lapse
+#: (about 30 s with the 40 s basket), not the count.
+STOP_INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_STOP_INTENTS", "120")), 1)
+#: A cancel acknowledged: the stop is recorded, so no confirm can be marked sent after it.
+ACKNOWLEDGED = {"finished", "stopping"}
+
+
+def held_now(cluster: Cluster, references: set[str]) -> set[str]:
+    """The references held for the shop now (the ledger's ``held_until``)."""
+    client = redis_client(cluster.settings)
+    try:
+        pipe = client.pipeline(transaction=False)
+        ordered = sorted(references)
+        for reference in ordered:
+            pipe.hexists(cluster.keys.ledger(reference), "held_until")
+        return {r for r, held in zip(ordered, pipe.execute(), strict=True) if held}
+    finally:
+        client.close()
+
+
+def seats_held(cluster: Cluster) -> int:
+    """Seats and places Onebox holds in open baskets, in every session the intents use."""
+    held = 0
+    for session in (1001, 1002, 1003):
+        stock = cluster.sandbox.admin.inventory(session)
+        held += sum(1 for state in stock["seats"].values() if state == "HELD")
+        held += sum(int(places["held"]) for places in stock["capacity"].values())
+    return held
+
+
+def collect_final(cluster: Cluster, references: set[str], *,
+                  timeout: float) -> dict[str, OrderResult]:
+    """Read results until each reference has a final one (a held result comes first)."""
+    deadline = time.monotonic() + timeout
+
+    def waiting() -> list[str]:
+        return sorted(r for r in references
+                      if all(o.status == HELD for o in cluster.results.get(r, [])))
+    with broker_connection(cluster.settings) as connection:
+        while missing := waiting():
+            assert time.monotonic() < deadline, (
+                f"no final outcome for {len(missing)}, e.g. {missing[:5]}\n"
+                f"{cluster.worker_logs()}")
+            for result in consume_results(connection, cluster.topology, timeout=0.2,
+                                          idle_timeout=1.0):
+                cluster.results.setdefault(result.reference, []).append(result)
+    return {r: next(o for o in cluster.results[r] if o.status != HELD) for r in references}
+
+
+def kill_one(cluster: Cluster, rng: random.Random, whole: bool) -> None:
+    """SIGKILL a worker's pool processes (their tasks are redelivered), or the whole worker
+    (the supervisor starts it again; its messages come back after the visibility timeout)."""
+    workers = [w for w in cluster.workers if w.log_path.name.startswith("worker")]
+    victim = workers[rng.randrange(len(workers))]
+    if whole:
+        victim.kill(signal.SIGKILL)
+    else:
+        for pid in child_pids(victim.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.kills_workers
+def test_cancel_and_holds_while_workers_are_killed(chaos: Cluster) -> None:
+    from tasks.stops import cancel, confirm
+
+    # Given two workers and a batch under way, one intent in four a hold
+    for _ in range(2):
+        chaos.start_worker(concurrency=2)
+    documents = intents("stop", STOP_INTENTS)
+    bound_to_fail = expected_failures(documents)
+    for index, document in enumerate(documents):
+        if index % 4 == 1 and document["reference"] not in bound_to_fail:
+            document["hold"] = True
+    holds = {d["reference"] for d in documents if d.get("hold")}
+    references = submit(documents)
+    rng = random.Random(16)
+    # When workers are killed with SIGKILL as they work (pool processes, then a whole one)
+    for fraction, whole in ((6, False), (4, True)):
+        target = len(documents) // fraction
+        wait_for(reached(chaos, target), timeout=120, what=f"{target} outcomes")
+        kill_one(chaos, rng, whole)
+    # And midway the shop cancels a third of the batch (holds among them, held or not yet)
+    wait_for(reached(chaos, len(documents) // 3), timeout=120, what="a third of the outcomes")
+    cancelled = sorted(d["reference"] for i, d in enumerate(documents) if i % 3 == 0)
+    answers = {a.reference: a for a in cancel(*cancelled)}
+    acknowledged = {r for r, a in answers.items() if a.ok and a.verdict in ACKNOWLEDGED}
+    # And confirms half of the other holds that are held now; the rest are left to lapse
+    waiting = sorted(held_now(chaos, holds - set(cancelled)))
+    confirmed = {r for r in waiting[::2] if confirm(r).ok}
+    lapsing = holds - set(cancelled) - confirmed
+    # And a worker dies again while the stops and the confirms are carried out
+    kill_one(chaos, rng, whole=True)
+    kill_one(chaos, rng, whole=False)
+
+    # Then every intent has one final outcome (held is interim), none bought twice
+    final = collect_final(chaos, references, timeout=180)
+    statuses = chaos.assert_exactly_once(references)
+    status = {r: outcome.status for r, outcome in final.items()}
+    # And every acknowledged cancel ended cancelled, with no order confirmed at Onebox
+    # (assert_exactly_once: a reference not confirmed has no confirmed order there)
+    assert acknowledged, answers
+    assert {r: status[r] for r in acknowledged} == dict.fromkeys(acknowledged, "cancelled")
+    confirmed_at_onebox = chaos.sandbox.admin.audit()["confirmed"]
+    assert not acknowledged & confirmed_at_onebox.keys()
+    # And the shop's confirmed holds are bought; the others expired, their seats released
+    assert {r: status[r] for r in confirmed} == dict.fromkeys(confirmed, "confirmed")
+    assert {r: status[r] for r in lapsing} == dict.fromkeys(lapsing, "expired")
+    for reference in references - acknowledged - holds:
+        assert status[reference] == ("failed" if reference in bound_to_fail else "confirmed"), \
+            (reference, answers.get(reference), final[reference].error)
+    client = redis_client(chaos.settings)
+    counters = [int(n or 0) for n in client.hmget(chaos.keys.batch("stop"), "held",
+                                                   "cancelled", "expired")]
+    client.close()
+    assert counters == [0, statuses["cancelled"], statuses["expired"]], counters
+    # And no seat is left held: baskets abandoned by the killed workers expire by
+    # Onebox's basket TTL (40 s), so waiting a basket's life and a margin is enough
+    basket_ttl = int(chaos.basket_ttl)  # type: ignore[attr-defined]
+    settled = time.monotonic()
+    wait_for(lambda: seats_held(chaos) == 0, timeout=basket_ttl + 10,
+             what="no seat held at Onebox", interval=0.5)
+    counts = {"intents": len(references), **statuses, "holds": len(holds),
+              "holds_confirmed_by_shop": len(confirmed), "holds_left_to_lapse": len(lapsing),
+              "cancel_asked": len(cancelled), "cancel_acknowledged": len(acknowledged),
+              "cancel_refused": sum(1 for a in answers.values() if not a.ok),
+              "worker_deaths": chaos.restarts, "seats_held": seats_held(chaos),
+              "s_from_last_outcome_to_no_seat_held": round(time.monotonic() - settled, 1),
+              "duplicate_orders": len(chaos.sandbox.admin.audit()["duplicates"]),
+              "lost": len(references - chaos.results.keys())}
+    print(f"\nchaos cancel + holds + worker SIGKILL x4: {json.dumps(counts)}")
+    report = os.environ.get("FULFILMENT_CHAOS_REPORT")
+    if report:
+        with Path(report).open("a") as out:
+            out.write(json.dumps({"scenario": "cancel + holds + worker SIGKILL", **counts}) + "\n")
