@@ -1079,6 +1079,11 @@ def settle(services: Services, reference: str) -> OrderResult | None:
             error = ResultError(code="CONFIRM_NOT_DONE", step="confirm",
                                 message="settled later: Onebox never confirmed the order")
             outcome = _result(services, entry, FAILED, error=error)
+        elif _purchase_notified(services, entry.code):
+            # No read answers, but Onebox said so itself: its signed PURCHASE webhook.
+            outcome = _result(services, entry, CONFIRMED, order_code=entry.code,
+                              order_id=entry.order_id)
+            log.warning("Onebox's PURCHASE webhook for order %s settles it", entry.code)
         else:
             log.warning("still unsettled: Onebox cannot tell yet")
             return entry.outcome
@@ -1086,3 +1091,14 @@ def settle(services: Services, reference: str) -> OrderResult | None:
         _publish(services, reference)
         log.warning("settled: %s", stands.status)
         return stands
+
+
+def _purchase_notified(services: Services, code: str) -> bool:
+    """Did Onebox's PURCHASE webhook for this order code come (signature checked)?
+
+    Onebox sends it as the order is bought, often before the purchase has its
+    outcome; the receiver keeps the mark (``fulfilment.webhooks``), so the
+    scheduled settling takes it as Onebox's positive answer when reads give none.
+    """
+    return bool(services.ledger.redis.exists(services.ledger.keys.webhook_seen(code,
+                                                                               "PURCHASE")))

@@ -69,6 +69,8 @@ def settle_purchase(services: Services, notice: Notice) -> str:
         except UnknownIntentError:
             log.info("PURCHASE webhook for order %s: its ledger entry is gone", notice.code)
             return "unknown order"
+        # Still running: the receiver's mark stays, and settling takes it as Onebox's
+        # word should the purchase end unsettled (``flow.settle``).
         status = outcome.status if outcome is not None else "in progress"
         log.info("PURCHASE webhook for order %s: %s", notice.code, status)
         return status

@@ -189,3 +189,25 @@ def test_a_settled_outcome_elsewhere_drops_it_from_the_index(world: World) -> No
     assert again.settled and again.answer == ""
     assert [r.status for r in world.results()] == ["unsettled", "confirmed"]
     assert again.outcome == checked.outcome
+
+
+def test_onebox_s_purchase_webhook_settles_an_intent_whose_reads_give_no_answer(
+        world: World) -> None:
+    # Given an intent that ended unsettled because Onebox refused every read, and
+    # Onebox's PURCHASE webhook for its order, received (signature checked) meanwhile
+    reference = unsettled_by_refused_reads(world)
+    [unsettled] = world.results()
+    assert unsettled.order_code is not None
+    keys = world.services.ledger.keys
+    # When its read is due and Onebox still refuses it, without the webhook: unsettled
+    world.clock[0] += world.services.settings.settle_first
+    [checked] = settle_due(world.services)
+    assert not checked.settled
+    world.services.ledger.redis.set(keys.webhook_seen(unsettled.order_code, "PURCHASE"), "1")
+    world.clock[0] += 120
+    [checked] = settle_due(world.services)
+    # Then with it: confirmed, the same result_id, Onebox having confirmed it once
+    assert checked.settled
+    [final] = world.results()
+    assert (final.status, final.result_id) == ("confirmed", unsettled.result_id)
+    assert world.onebox.confirms == {reference: 1}
