@@ -475,7 +475,7 @@ def cancel(references: tuple[str, ...]) -> None:
     nothing changes. Asking twice gives the same answer. Exit 1 if any was refused."""
     from tasks.stops import stops
 
-    _answer_each(lambda: stops().cancel(_references(references)))
+    _answer_each(references, lambda good: stops().cancel(good))
 
 
 @cli.command("confirm")
@@ -485,199 +485,69 @@ def confirm_hold(reference: str) -> None:
     Refused once the hold lapsed or it was cancelled (exit 1)."""
     from tasks.stops import stops
 
-    _answer_each(lambda: [stops().confirm(ref) for ref in _references((reference,))])
+    _answer_each((reference,), lambda good: [stops().confirm(ref) for ref in good])
 
 
 @batch.command("cancel")
 @click.argument("batch_id")
 def batch_cancel(batch_id: str) -> None:
-    """Cancel every intent of a batch that has no outcome yet (as 'fulfilment cancel')."""
+    """Cancel every intent of a batch that has no outcome yet (as 'fulfilment cancel').
+
+    Prints one line: how many were cancelled, how many were too late (a confirm was
+    sent), how many had finished meanwhile. Exit 1 only if the batch is unknown.
+    """
+    from fulfilment.batches import batch_status as read_status
+    from tasks import runtime
     from tasks.stops import stops
 
     if not BATCH_ID.fullmatch(batch_id):
         raise click.BadParameter("a batch id is 1-64 of A-Z a-z 0-9 . _ : -",
                                  param_hint="BATCH_ID")
     counts: Counter[str] = Counter()
-
-    def each() -> Iterator[Answer]:
-        for answer in stops().cancel_batch(batch_id):
-            counts["cancelled" if answer.ok else answer.verdict.replace("_", " ")] += 1
-            yield answer
     try:
-        _answer_each(each, quiet_ok=True)
-    finally:
-        click.echo(f"batch {batch_id}: " + (", ".join(f"{n} {what}" for what, n in
-                                                      sorted(counts.items())) or "nothing open"))
+        for answer in stops().cancel_batch(batch_id):
+            counts[_CANCEL_TALLY.get(answer.verdict.split(":")[0], answer.verdict)] += 1
+        known = counts or read_status(runtime.services().ledger.redis,
+                                      runtime.services().ledger.keys, batch_id).exists
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"cannot reach the ledger at {mask_url(runtime.services().settings.redis_url)}: "
+            f"{type(exc).__name__}; counts so far: {dict(counts)}") from None
+    if not known:
+        click.echo(f"batch {batch_id}: no such batch", err=True)
+        raise SystemExit(1)
+    click.echo(f"batch {batch_id}: " + (", ".join(f"{n:,} {what}" for what, n in
+                                                  counts.most_common()) or "nothing open"))
 
 
-def _references(given: Sequence[str]) -> Iterator[str]:
-    """The well-formed references; each bad one is one line on stderr (and exit 1)."""
+#: A cancel's verdict, as the batch's summary counts it.
+_CANCEL_TALLY = {"finished": "cancelled", "stopping": "cancelled",
+                 "too_late": "too late (confirm sent)", "done": "finished meanwhile",
+                 "unknown": "gone"}
+
+
+def _answer_each(given: Sequence[str],
+                 ask: Callable[[list[str]], Iterable[Answer]]) -> None:
+    """Ask for the well-formed references; one line per answer, refusals (and each
+    reference that is not one) on stderr; exit 1 if any was refused."""
     from fulfilment.lookup import REFERENCE, REFERENCE_RULE
-
-    for reference in given:
-        if REFERENCE.fullmatch(reference):
-            yield reference
-        else:
-            click.echo(f"{reference!r}: not a reference ({REFERENCE_RULE})", err=True)
-            _REFUSED.append(reference)
-
-
-_REFUSED: list[str] = []
-
-
-def _answer_each(answers: Callable[[], Iterable[Answer]], *, quiet_ok: bool = False) -> None:
-    """One line per answer (refusals on stderr); exit 1 if any was refused."""
     from tasks import runtime
 
-    refused = 0
+    good = [reference for reference in given if REFERENCE.fullmatch(reference)]
+    refused = len(given) - len(good)
+    for reference in given:
+        if not REFERENCE.fullmatch(reference):
+            click.echo(f"{reference!r}: not a reference ({REFERENCE_RULE})", err=True)
     try:
-        for answer in answers():
-            if not answer.ok:
-                refused += 1
-            if not (quiet_ok and answer.ok):
-                click.echo(str(answer), err=not answer.ok)
+        for answer in ask(good):
+            refused += not answer.ok
+            click.echo(str(answer), err=not answer.ok)
     except redis.RedisError as exc:
         raise click.ClickException(
             f"cannot reach the ledger at {mask_url(runtime.services().settings.redis_url)}: "
             f"{type(exc).__name__}") from None
-    if refused or _REFUSED:
+    if refused:
         raise SystemExit(1)
-
-
-@cli.command()
-@click.argument("target")
-@click.option("--item", "items", type=click.IntRange(min=1), multiple=True,
-              help="Refund only this Onebox item id (repeat for more); default: the whole order.")
-@click.option("--order-code", "by_code", is_flag=True,
-              help="TARGET is an Onebox order code, not a purchase reference.")
-@click.option("--id", "refund_id", default=None,
-              help="The refund's id: the same id again is the same refund [default: derived "
-                   "from the target and the items].")
-@click.option("--reason", default=None, help="Why (no personal data); kept with the refund.")
-@click.option("--wait", is_flag=True, help="Then wait for the outcome and print it (exit 1 if "
-                                           "it failed or did not come in time).")
-@click.option("--wait-timeout", type=float, default=120.0, show_default=True,
-              help="With --wait: give up after this many seconds.")
-def refund(*, target: str, items: tuple[int, ...], by_code: bool, refund_id: str | None,
-           reason: str | None, wait: bool, wait_timeout: float) -> None:
-    """Refund a confirmed purchase (TARGET: its reference), whole or some items, once.
-
-    The refund is recorded, then queued; a worker sends it to Onebox and
-    publishes its outcome (refund.refunded or refund.failed on the results
-    exchange). Asking again for the same refund (same --id, or same target and
-    items) is the same refund; an order refunded already is success.
-    """
-    from fulfilment.refunds import RefundConflictError, RefundRefusedError
-    from tasks.refunds import refund as request_refund
-
-    _require_durable()
-    try:
-        submission = request_refund(None if by_code else target,
-                                    order_code=target if by_code else None, items=items,
-                                    refund_id=refund_id, reason=reason)
-    except FulfilmentError as exc:
-        if isinstance(exc, RefundRefusedError | RefundConflictError):
-            raise click.ClickException(f"refused: {exc.message}") from None
-        details = describe_errors(getattr(exc, "errors", {})) or [exc.message]
-        raise click.ClickException("refused: " + "; ".join(details)) from None
-    what = f"order {target}" if by_code else f"purchase {target}"
-    which = f"items {', '.join(map(str, sorted(set(items))))}" if items else "whole order"
-    if submission.outcome is not None:
-        click.echo(f"refund {submission.refund_id} of {what} ({which}): done already")
-        _say_refund(submission.outcome)
-        return
-    click.echo(f"refund {submission.refund_id} of {what} ({which}): {submission.status}, "
-               "queued")
-    if wait:
-        _wait_for_refund(submission.refund_id, wait_timeout)
-
-
-def _wait_for_refund(refund_id: str, timeout: float) -> None:
-    """Follow the refund's ledger entry until it has an outcome (polled, like batches)."""
-    from fulfilment.refunds import RefundLedger
-    from tasks import runtime
-
-    store = RefundLedger.of(runtime.services())
-    deadline = time.monotonic() + timeout
-    while True:
-        entry = store.get(refund_id)
-        if entry is not None and entry.outcome is not None:
-            _say_refund(entry.outcome)
-            return
-        if time.monotonic() > deadline:
-            state = entry.state if entry is not None else "unknown"
-            raise click.ClickException(f"no outcome after {timeout:g}s (the refund is "
-                                       f"{state}); it goes on without you")
-        time.sleep(WAIT_POLL / 4)
-
-
-def _say_refund(outcome: Any) -> None:
-    if outcome.status == "refunded":
-        note = " (Onebox had them refunded already)" if outcome.already_refunded else ""
-        click.echo(f"refunded: order {outcome.order_code}, items "
-                   f"{', '.join(map(str, outcome.items))}{note}")
-        return
-    error = outcome.error
-    click.echo(f"failed: {error.code if error else '?'}: {error.message if error else ''}",
-               err=True)
-    raise SystemExit(1)
-
-
-@cli.command()
-@click.option("--address", default=None, metavar="HOST:PORT",
-              help="Listen here instead (port 0: any free port, printed on start-up) "
-                   "[default: FULFILMENT_WEBHOOKS_ADDRESS].")
-def webhooks(address: str | None) -> None:
-    """Receive Onebox's webhooks on POST /webhooks/onebox until SIGTERM or SIGINT.
-
-    Each is checked (ob-signature, FULFILMENT_WEBHOOK_SIGNATURE), deduplicated on
-    its order code and action, and handed to a worker: PURCHASE settles an
-    unsettled purchase, REFUND and CANCEL reach the shop as after-sale events.
-    Prints one line, 'webhooks listening on http://HOST:PORT', once it listens.
-    """
-    from fulfilment.clock import RedisClock
-    from fulfilment.config import split_host_port
-    from fulfilment.webhooks.server import Server, build_receiver, serve_until_signalled
-    from fulfilment.wiring import redis_client
-    from tasks.webhooks import hand_over
-
-    settings = load_settings()
-    if address is not None:
-        try:
-            settings = settings.with_overrides(webhooks_address=_host_port_option(address))
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--address") from None
-    if settings.webhook_signature != "none" and not settings.webhook_secret:
-        raise click.ClickException(
-            f"FULFILMENT_WEBHOOK_SIGNATURE={settings.webhook_signature} needs the secret: set "
-            "FULFILMENT_WEBHOOK_SECRET or FULFILMENT_WEBHOOK_SECRET_FILE")
-    log = logging.getLogger("fulfilment.webhooks")
-    if not log.isEnabledFor(logging.INFO):
-        log.setLevel(logging.INFO)  # a server says what it receives (never the body)
-    if settings.webhook_signature == "none":
-        log.warning("FULFILMENT_WEBHOOK_SIGNATURE=none: webhooks are accepted unsigned "
-                    "(a sandbox only)")
-    client = redis_client(settings)
-    app = build_receiver(settings, client, hand_over, RedisClock(client))
-    host, port = split_host_port(settings.webhooks_address)
-    try:
-        server = Server(app, host, port)
-    except OSError as exc:
-        raise click.ClickException(f"cannot listen on {settings.webhooks_address}: "
-                                   f"{exc.strerror or exc}") from None
-
-    def ready(url: str) -> None:
-        click.echo(f"webhooks listening on {url}")
-        sys.stdout.flush()
-
-    serve_until_signalled(server, ready)
-
-
-def _host_port_option(value: str) -> str:
-    from fulfilment.config import SETTINGS
-
-    setting = next(s for s in SETTINGS if s.env == "FULFILMENT_WEBHOOKS_ADDRESS")
-    return str(setting.parse(value))
 
 
 @cli.command()
