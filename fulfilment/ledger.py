@@ -173,7 +173,7 @@ end
 #: and the basket's working notes. Everything else is kept (``KEPT_AFTER_OUTCOME``).
 DROPPED_AT_OUTCOME = ("intent", "pending", "buyer_set", "basket_ttl", "orphans",
                       "orphan_expires", "failures", "stop", "confirm_requested", "held_until",
-                      "held_published")
+                      "held_published", "confirm_requested_at", "released_at")
 #: What a finished entry keeps, and who reads it: duplicate detection (fingerprint,
 #: submission); status (those, the times, counts and codes); settle and refunds
 #: (order_id, code, item_ids, basket_expires, confirm_sent); batch status and
@@ -288,7 +288,8 @@ if until_ and tonumber(t[1]) + tonumber(t[2]) / 1e6 > until_ then
   redis.call('HSET', KEYS[1], 'stop', 'expire', 'updated_at', ARGV[1])
   return 'lapsed'
 end
-redis.call('HSET', KEYS[1], 'confirm_requested', '1', 'updated_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'confirm_requested', '1', 'updated_at', ARGV[1],
+           'confirm_requested_at', ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[3])
 if until_ then return 'accepted_held' end
 return 'accepted'
@@ -438,6 +439,9 @@ class Entry:
     held_until: float | None = None
     #: The interim ``held`` result went out.
     held_published: bool = False
+    #: When its retry deadline starts again, on Redis's clock: the bulk release that sent
+    #: it (time parked in its lane is not time trying), the shop's confirm of its hold.
+    restarted_at: float | None = None
     #: The hash's fields as read, for a holder of the lease to keep up to date.
     fields: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -511,7 +515,9 @@ class Ledger:
         return self._clock()
 
     def age(self, entry: Entry) -> float:
-        """Seconds since the intent was admitted, on Redis's clock (no round trip).
+        """Seconds its retry deadline has run, on Redis's clock (no round trip): since it
+        was admitted, or since the bulk release sent it or the shop confirmed its hold,
+        whichever came last (waiting its turn, or for the shop, is not trying).
 
         An entry admitted before admission times were kept has only the
         producer's ``submitted_at``: it is read against Redis's clock, never
@@ -519,6 +525,8 @@ class Ledger:
         """
         since = entry.admitted_at if entry.admitted_at is not None \
             else entry.submitted_at.timestamp()
+        if entry.restarted_at is not None:
+            since = max(since, entry.restarted_at)
         return max(self.now() - since, 0.0)
 
     def admit(self, intent: PurchaseIntent, submitted_at: datetime | None = None) -> Admission:
@@ -882,6 +890,8 @@ class Ledger:
             confirm_requested=fields.get("confirm_requested") == "1",
             held_until=_float(fields.get("held_until")),
             held_published=fields.get("held_published") == "1",
+            restarted_at=max((_float(fields.get(name)) or 0.0 for name in
+                              ("released_at", "confirm_requested_at")), default=0.0) or None,
             fields=fields,
         )
 

@@ -92,9 +92,16 @@ PURCHASE_NOT_CONFIRMED = "PURCHASE_NOT_CONFIRMED"
 ITEMS_NOT_IN_ORDER = "ITEMS_NOT_IN_ORDER"
 #: Ours: a refund was sent and Onebox never said, by the deadline, whether it was done.
 REFUND_OUTCOME_UNKNOWN = "REFUND_OUTCOME_UNKNOWN"
+#: Ours: refused as refunded already, and the order unreadable, for a refund of several items.
+REFUND_UNREADABLE = "REFUND_UNREADABLE"
 ORDER_NOT_FOUND = "ORDER_NOT_FOUND"
 #: Seconds a worker waits for another that holds the refund's lease.
 HELD_RETRY = 1.0
+
+
+class UnreadableYetError(TransientError):
+    """Onebox answered "an item refunded already" for a refund of several, and will not
+    let the order be read: asked again until the deadline, without using up attempts."""
 
 
 class Admission(enum.Enum):
@@ -528,11 +535,19 @@ class _Run:
         try:
             order = self.client.get_order(code)
         except FulfilmentError as exc:
-            # The contract's word: 409 PRODUCT_STATE_INVALID is "already refunded".
-            log.info("order %s answered already refunded; it cannot be read (%s)", code,
-                     exc.code)
-            self.finish(entry, REFUNDED, code=code, items=items, already=True)
-            return
+            if len(items) == 1:
+                # The contract's word: 409 PRODUCT_STATE_INVALID is "already refunded",
+                # and it names the one item asked for.
+                log.info("order %s answered already refunded; it cannot be read (%s)", code,
+                         exc.code)
+                self.finish(entry, REFUNDED, code=code, items=items, already=True)
+                return
+            # One of several items was refunded before: which, the read must say.
+            raise UnreadableYetError(
+                f"order {code} answered 409 (an item refunded already) and cannot be read "
+                f"({exc.code}): which of the items were refunded is unknown; read again later",
+                code=REFUND_UNREADABLE, step="refund", trace_id=exc.trace_id,
+                retry_after=exc.retry_after) from None
         if order.refunded(items):
             log.info("order %s was refunded already", code)
             self.refunded(entry, code, order, already=True)
@@ -553,7 +568,8 @@ class _Run:
     def retry_or_fail(self, exc: FulfilmentError) -> Decision:
         """Retry after a backoff unless failures or time ran out (``FULFILMENT_RETRY_*``)."""
         policy = self.services.policy
-        counts = not isinstance(exc, HeldBackError)  # never sent: waiting, not failing
+        # Never sent, or waiting for Onebox to let us read: waiting, not failing.
+        counts = not isinstance(exc, HeldBackError | UnreadableYetError)
         failures = (self.store.record(self.lease, self.refund_id, count="failures")
                     if counts else 1)
         delay = policy.delay(failures, exc.retry_after)

@@ -91,6 +91,9 @@ while #released < n do
     reference = redis.call('LPOP', ready)
   end
   if reference then
+    -- Its retry deadline counts from here: waiting its turn was not trying.
+    local ledger = ARGV[6] .. reference .. ARGV[7]
+    if redis.call('EXISTS', ledger) == 1 then redis.call('HSET', ledger, 'released_at', ARGV[5]) end
     redis.call('ZADD', KEYS[2], now, reference)
     redis.call('ZADD', KEYS[3], 'XX', ARGV[5], reference)
     released[#released + 1] = reference

@@ -65,6 +65,10 @@ class ResultPublisher:
         self._topology = topology
         self._callbacks = callbacks
 
+    def on(self, connection: Connection) -> ResultPublisher:
+        """This publisher on another broker connection (a thread of its own needs one)."""
+        return ResultPublisher(connection, self._topology, self._callbacks)
+
     def publish(self, result: OrderResult) -> None:
         if self._callbacks is not None:
             # First, so that the flow's "published" mark follows both: a publish retried

@@ -31,7 +31,6 @@ from fulfilment.flow import Services, stopped_result
 from fulfilment.ledger import Entry, UnknownIntentError
 from fulfilment.logcontext import bound
 from fulfilment.results import ResultPublisher
-from fulfilment.topology import Topology
 from fulfilment.wiring import broker_connection
 from schemas.result import OrderResult
 
@@ -206,10 +205,8 @@ class Stops:
             each.result()
 
     def _publish_own(self, outcomes: Sequence[tuple[OrderResult, str | None]]) -> None:
-        settings = self._services.settings
-        with broker_connection(settings) as connection:
-            self._publish_with(ResultPublisher(connection, Topology.for_keys(
-                self._ledger.keys, settings.effective_broker_url)), outcomes)
+        with broker_connection(self._services.settings) as connection:
+            self._publish_with(self._services.publisher.on(connection), outcomes)
 
     def _publish_with(self, publisher: ResultPublisher,
                       outcomes: Sequence[tuple[OrderResult, str | None]]) -> None:

@@ -209,6 +209,23 @@ def test_a_sent_refund_whose_order_cannot_be_read_is_sent_again_and_409_is_succe
     assert world.onebox.refunds == {31: 1}
 
 
+def test_a_409_for_one_of_several_items_is_no_success_while_the_order_cannot_be_read(
+        world: World) -> None:
+    # Given item 11 of an order refunded earlier
+    world.confirmed_purchase("ref-1", "CODE1", [11, 12])
+    world.run_until_done(world.submit(reference="ref-1", items=[11]))
+    # When the whole order is refunded and Onebox answers 409 but refuses every read
+    whole = world.submit(reference="ref-1")
+    world.onebox.failures["get_order"] = [PermanentError("not found", code="ORDER_NOT_FOUND",
+                                                         status=404, step="get_order")] * 3
+    decisions = [world.run(whole) for _ in range(3)]
+    # Then it waits (item 12 was never refunded), and once the order reads, refunds the rest
+    assert all(isinstance(d, RetryLater) for d in decisions), decisions
+    outcome = world.run_until_done(whole)
+    assert outcome.status == "refunded" and outcome.items == (11, 12)
+    assert world.onebox.refunds == {11: 1, 12: 1}
+
+
 def test_the_same_refund_twice_is_one_refund_with_one_outcome(world: World) -> None:
     world.confirmed_purchase("ref-1", "CODE1", [11, 12])
     first = world.submit(reference="ref-1", refund_id="r-1")

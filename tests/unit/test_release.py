@@ -92,6 +92,24 @@ def test_parked_intents_are_not_stuck_and_released_ones_are_if_never_sent(
     assert ledger.open_count() == 3
 
 
+def test_time_parked_in_the_lane_does_not_count_against_the_retry_deadline(
+        client: redis.Redis, keys: Keys) -> None:
+    # Given a bulk intent admitted, then parked for an hour (the clocks moved by hand)
+    now = [1_800_000_000.0]
+    ledger = Ledger(client, keys, 7200, clock=lambda: now[0])
+    producer = Producer(ledger, lambda _: None, max_quantity=50)
+    assert [a.status for a in producer.submit_many([intent("late-1")], lane=LIVE)] == [ACCEPTED]
+    release = BulkRelease(client, keys, in_flight=1, clock=lambda: now[0])
+    release.park(None, ["late-1"])
+    now[0] += 3600
+    # When its turn comes
+    assert release.release() == ["late-1"]
+    now[0] += 5
+    # Then its retry deadline has run 5 s, not an hour
+    entry = ledger.get("late-1")
+    assert entry is not None and ledger.age(entry) == pytest.approx(5.0)
+
+
 def test_tidy_frees_the_slots_of_purchases_that_ended_without_a_top_up(
         client: redis.Redis, keys: Keys) -> None:
     ledger = Ledger(client, keys, 3600)

@@ -4,6 +4,7 @@ it in one line, exit 1 when refused."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -14,7 +15,7 @@ from kombu import Connection
 from fulfilment.config import Settings
 from fulfilment.flow import Services
 from fulfilment.states import State, state_of
-from fulfilment.stops import Answer, Stops
+from fulfilment.stops import CHUNK, Answer, Stops
 from schemas.intent import load_intent
 from schemas.result import OrderResult, result_id_for
 from tests.conftest import LedgerStore
@@ -179,3 +180,51 @@ def test_the_cancel_command_says_unknown_in_one_line_and_exits_1(shop: Shop) -> 
     assert both.exit_code == 1
     assert both.stdout.splitlines() == [f"{waiting}: cancelled"]
     assert done.exit_code == 0 and done.stdout.splitlines() == [f"{waiting}: cancelled"]
+
+
+class _Recording:
+    """A publisher that keeps what it published, on any connection (as callbacks would)."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    def on(self, connection: object) -> _Recording:
+        return self
+
+    def publish(self, result: OrderResult) -> None:
+        self.published.append(result.reference)
+
+
+def test_a_big_cancel_publishes_every_outcome_through_the_deployment_s_publisher(
+        shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given more waiting intents than one chunk (published by several threads)
+    waiting = [shop.admit(f"q-{n}", attempted=False) for n in range(CHUNK + 3)]
+    recording = _Recording()
+    services = dataclasses.replace(shop.services, publisher=recording)  # type: ignore[arg-type]
+    monkeypatch.setattr("fulfilment.stops.broker_connection",
+                        lambda settings: Connection("memory://localhost/"))
+    # When they are cancelled
+    answers = list(Stops(services, shop.sent_on.extend).cancel(waiting))
+    # Then each outcome went out through the deployment's publisher (its callbacks too)
+    assert all(a.verdict == "finished" for a in answers)
+    assert sorted(recording.published) == sorted(waiting)
+
+
+def test_the_shop_s_confirm_starts_the_retry_deadline_again(ledger_store: LedgerStore) -> None:
+    # Given a hold held for longer than the retry deadline since its admission
+    now = [NOW]
+    settings = Settings.defaults().with_overrides(key_prefix=ledger_store.prefix)
+    with Connection("memory://localhost/") as connection:
+        shop = Shop(flow_services(settings, ledger_store.client, FakeOnebox(), connection, now))
+        held = shop.admit("held-late", hold=True)
+        shop.services.ledger.record(held, order_id="o-1", code="H1", held_until=NOW + 10_000.0)
+        deadline = shop.services.policy.deadline
+        now[0] += deadline + 60
+        before = shop.services.ledger.get(held)
+        assert before is not None and shop.services.ledger.age(before) > deadline
+        # When the shop confirms it
+        assert shop.stops.confirm(held).ok
+        now[0] += 5
+        # Then its deadline runs from the confirm, not from its admission
+        entry = shop.services.ledger.get(held)
+        assert entry is not None and shop.services.ledger.age(entry) == pytest.approx(5.0)
