@@ -42,7 +42,6 @@ import json
 import logging
 import socket
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -364,9 +363,9 @@ class CallbackSender:
 
     def run(self) -> RunReport:
         report = RunReport()
-        token = uuid.uuid4().hex
         k = self._keys
-        if not self._redis.set(k.lock, token, nx=True, px=int(self.lease * 1000)):
+        lock = self._redis.lock(k.lock, timeout=self.lease, blocking_timeout=0)
+        if not lock.acquire(blocking=False):
             return report
         try:
             self._deadline = time.monotonic() + self._config.run_budget
@@ -378,8 +377,8 @@ class CallbackSender:
                 if len(claimed) < self._config.batch:
                     break
         finally:
-            if text(self._redis.get(k.lock)) == token:
-                self._redis.delete(k.lock)
+            with contextlib.suppress(redis.exceptions.LockError):  # it lapsed: another's now
+                lock.release()
         return report
 
     # -- one round --------------------------------------------------------------------------

@@ -488,7 +488,7 @@ def _hold(services: Services, reference: str) -> bool:
         return True
     if now > entry.held_until:
         stop = services.ledger.request_stop(reference, "expire", None, entry.result_batch)
-        if stop == "stopping":
+        if stop == "stopping" or stop.startswith("done:"):
             raise StopRecordedError("the hold lapsed")
         return stop != "confirming"
     services.ledger.hold(reference, entry.held_until, entry.result_batch)  # re-park it
@@ -1055,13 +1055,14 @@ def _result(services: Services, entry: Entry, status: str, *, order_code: str | 
 
 
 # --- the operator's settlement -------------------------------------------------------
-def settle(services: Services, reference: str) -> OrderResult | None:
+def settle(services: Services, reference: str, *, notified: bool = False) -> OrderResult | None:
     """Settle an ``unsettled`` purchase now that Onebox may answer; publish the outcome.
 
     Reads the order by its code (fencing it if it is still pre-confirmed), and
     replaces the unsettled outcome by ``confirmed`` or ``failed``, published
     with the same ``result_id``. Returns the outcome that stands: still
     ``unsettled`` when Onebox cannot tell yet. Anything else is left as it is.
+    ``notified``: Onebox's PURCHASE webhook for the order came (signature checked).
     """
     entry = _reread(services, reference)
     if entry.outcome is None or entry.outcome.status != UNSETTLED or entry.code is None:
@@ -1079,7 +1080,7 @@ def settle(services: Services, reference: str) -> OrderResult | None:
             error = ResultError(code="CONFIRM_NOT_DONE", step="confirm",
                                 message="settled later: Onebox never confirmed the order")
             outcome = _result(services, entry, FAILED, error=error)
-        elif _purchase_notified(services, entry.code):
+        elif notified or _purchase_notified(services, entry.code):
             # No read answers, but Onebox said so itself: its signed PURCHASE webhook.
             outcome = _result(services, entry, CONFIRMED, order_code=entry.code,
                               order_id=entry.order_id)

@@ -249,6 +249,7 @@ end
 local stop = redis.call('HGET', KEYS[1], 'stop')
 if not stop or stop == '' then redis.call('HSET', KEYS[1], 'stop', ARGV[6]) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+redis.call('ZREM', KEYS[#KEYS], ARGV[3])
 if ARGV[7] == '' or redis.call('EXISTS', KEYS[3]) == 1 or
    (redis.call('HGET', KEYS[1], 'order_id') or '') ~= '' or
    (redis.call('HGET', KEYS[1], 'pending') or '') ~= '' then
@@ -286,6 +287,7 @@ local until_ = tonumber(redis.call('HGET', KEYS[1], 'held_until') or '')
 local t = redis.call('TIME')
 if until_ and tonumber(t[1]) + tonumber(t[2]) / 1e6 > until_ then
   redis.call('HSET', KEYS[1], 'stop', 'expire', 'updated_at', ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[3])
   return 'lapsed'
 end
 redis.call('HSET', KEYS[1], 'confirm_requested', '1', 'updated_at', ARGV[1],
@@ -659,8 +661,13 @@ class Ledger:
         pairs = _pairs(changes)
         answer = self._write(script, reference, counted, *pairs)
         if answer == -4:
-            self._remember(reference, {"stop": text(self.redis.hget(
-                self._keys.ledger(reference), "stop") or b"") or "finished"})
+            # Refused for a stop, or for an outcome written meanwhile: the copy learns which.
+            stop, outcome = (text(value) if value is not None else None for value in
+                             self.redis.hmget(self._keys.ledger(reference), "stop", "outcome"))
+            if stop:
+                self._remember(reference, {"stop": stop})
+            elif outcome:
+                self._remember(reference, {"outcome": outcome}, drop=DROPPED_AT_OUTCOME)
             raise StopRecordedError(f"{reference}: a stop was recorded; nothing sent")
         count, stop = int(answer[0]), text(answer[1])
         remembered = dict(zip(pairs[::2], pairs[1::2], strict=True))

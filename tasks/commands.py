@@ -551,6 +551,142 @@ def _answer_each(given: Sequence[str],
 
 
 @cli.command()
+@click.argument("target")
+@click.option("--item", "items", type=click.IntRange(min=1), multiple=True,
+              help="Refund only this Onebox item id (repeat for more); default: the whole order.")
+@click.option("--order-code", "by_code", is_flag=True,
+              help="TARGET is an Onebox order code, not a purchase reference.")
+@click.option("--id", "refund_id", default=None,
+              help="The refund's id: the same id again is the same refund [default: derived "
+                   "from the target and the items].")
+@click.option("--reason", default=None, help="Why (no personal data); kept with the refund.")
+@click.option("--wait", is_flag=True, help="Then wait for the outcome and print it (exit 1 if "
+                                           "it failed or did not come in time).")
+@click.option("--wait-timeout", type=float, default=120.0, show_default=True,
+              help="With --wait: give up after this many seconds.")
+def refund(*, target: str, items: tuple[int, ...], by_code: bool, refund_id: str | None,
+           reason: str | None, wait: bool, wait_timeout: float) -> None:
+    """Refund a confirmed purchase (TARGET: its reference), whole or some items, once.
+
+    The refund is recorded, then queued; a worker sends it to Onebox and
+    publishes its outcome (refund.refunded or refund.failed on the results
+    exchange). Asking again for the same refund (same --id, or same target and
+    items) is the same refund; an order refunded already is success.
+    """
+    from fulfilment.refunds import RefundConflictError, RefundRefusedError
+    from tasks.refunds import refund as request_refund
+
+    _require_durable()
+    try:
+        submission = request_refund(None if by_code else target,
+                                    order_code=target if by_code else None, items=items,
+                                    refund_id=refund_id, reason=reason)
+    except FulfilmentError as exc:
+        if isinstance(exc, RefundRefusedError | RefundConflictError):
+            raise click.ClickException(f"refused: {exc.message}") from None
+        details = describe_errors(getattr(exc, "errors", {})) or [exc.message]
+        raise click.ClickException("refused: " + "; ".join(details)) from None
+    what = f"order {target}" if by_code else f"purchase {target}"
+    which = f"items {', '.join(map(str, sorted(set(items))))}" if items else "whole order"
+    if submission.outcome is not None:
+        click.echo(f"refund {submission.refund_id} of {what} ({which}): done already")
+        _say_refund(submission.outcome)
+        return
+    click.echo(f"refund {submission.refund_id} of {what} ({which}): {submission.status}, "
+               "queued")
+    if wait:
+        _wait_for_refund(submission.refund_id, wait_timeout)
+
+
+def _wait_for_refund(refund_id: str, timeout: float) -> None:
+    """Follow the refund's ledger entry until it has an outcome (polled, like batches)."""
+    from fulfilment.refunds import RefundLedger
+    from tasks import runtime
+
+    store = RefundLedger.of(runtime.services())
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = store.get(refund_id)
+        if entry is not None and entry.outcome is not None:
+            _say_refund(entry.outcome)
+            return
+        if time.monotonic() > deadline:
+            state = entry.state if entry is not None else "unknown"
+            raise click.ClickException(f"no outcome after {timeout:g}s (the refund is "
+                                       f"{state}); it goes on without you")
+        time.sleep(WAIT_POLL / 4)
+
+
+def _say_refund(outcome: Any) -> None:
+    if outcome.status == "refunded":
+        note = " (Onebox had them refunded already)" if outcome.already_refunded else ""
+        click.echo(f"refunded: order {outcome.order_code}, items "
+                   f"{', '.join(map(str, outcome.items))}{note}")
+        return
+    error = outcome.error
+    click.echo(f"failed: {error.code if error else '?'}: {error.message if error else ''}",
+               err=True)
+    raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Listen here instead (port 0: any free port, printed on start-up) "
+                   "[default: FULFILMENT_WEBHOOKS_ADDRESS].")
+def webhooks(address: str | None) -> None:
+    """Receive Onebox's webhooks on POST /webhooks/onebox until SIGTERM or SIGINT.
+
+    Each is checked (ob-signature, FULFILMENT_WEBHOOK_SIGNATURE), deduplicated on
+    its order code and action, and handed to a worker: PURCHASE settles an
+    unsettled purchase, REFUND and CANCEL reach the shop as after-sale events.
+    Prints one line, 'webhooks listening on http://HOST:PORT', once it listens.
+    """
+    from fulfilment.clock import RedisClock
+    from fulfilment.config import split_host_port
+    from fulfilment.webhooks.server import Server, build_receiver, serve_until_signalled
+    from fulfilment.wiring import redis_client
+    from tasks.webhooks import hand_over
+
+    settings = load_settings()
+    if address is not None:
+        try:
+            settings = settings.with_overrides(webhooks_address=_host_port_option(address))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--address") from None
+    if settings.webhook_signature != "none" and not settings.webhook_secret:
+        raise click.ClickException(
+            f"FULFILMENT_WEBHOOK_SIGNATURE={settings.webhook_signature} needs the secret: set "
+            "FULFILMENT_WEBHOOK_SECRET or FULFILMENT_WEBHOOK_SECRET_FILE")
+    log = logging.getLogger("fulfilment.webhooks")
+    if not log.isEnabledFor(logging.INFO):
+        log.setLevel(logging.INFO)  # a server says what it receives (never the body)
+    if settings.webhook_signature == "none":
+        log.warning("FULFILMENT_WEBHOOK_SIGNATURE=none: webhooks are accepted unsigned "
+                    "(a sandbox only)")
+    client = redis_client(settings)
+    app = build_receiver(settings, client, hand_over, RedisClock(client))
+    host, port = split_host_port(settings.webhooks_address)
+    try:
+        server = Server(app, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.webhooks_address}: "
+                                   f"{exc.strerror or exc}") from None
+
+    def ready(url: str) -> None:
+        click.echo(f"webhooks listening on {url}")
+        sys.stdout.flush()
+
+    serve_until_signalled(server, ready)
+
+
+def _host_port_option(value: str) -> str:
+    from fulfilment.config import SETTINGS
+
+    setting = next(s for s in SETTINGS if s.env == "FULFILMENT_WEBHOOKS_ADDRESS")
+    return str(setting.parse(value))
+
+
+@cli.command()
 def sweep() -> None:
     """Resume intents and refunds stuck past FULFILMENT_STUCK_AFTER (what celery beat runs)."""
     from fulfilment import recovery

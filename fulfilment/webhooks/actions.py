@@ -65,7 +65,7 @@ def settle_purchase(services: Services, notice: Notice) -> str:
         return "unknown order"
     with bound(reference=reference, step="webhook"):
         try:
-            outcome = flow.settle(services, reference)
+            outcome = flow.settle(services, reference, notified=True)
         except UnknownIntentError:
             log.info("PURCHASE webhook for order %s: its ledger entry is gone", notice.code)
             return "unknown order"
