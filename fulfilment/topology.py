@@ -6,9 +6,11 @@ Results go to a durable topic exchange with routing key ``result.<status>``:
 queue takes them all (``result.#``). A shop binds a queue of its own to the
 routes it acts on: ``result.failed`` for purchases that bought nothing (an
 ``unsettled`` one may have been bought, so it never goes there),
-``result.unsettled`` to say "pending" or alert someone, ``result.confirmed``
-and ``result.failed`` for final outcomes only (an unsettled intent's final one
-follows on them, with the same ``result_id``). Messages that could not be
+``result.unsettled`` to say "pending" or alert someone, ``result.held`` for
+holds to confirm, and ``result.confirmed``, ``result.failed``,
+``result.cancelled`` and ``result.expired`` for final outcomes only (an
+unsettled or held intent's final one follows on them, with the same
+``result_id``). Messages that could not be
 taken in at all (invalid payloads found on a queue) go to the failures queue
 with their reason. After-sale events (``schemas.aftersale``: refunds and
 cancellations Onebox told us of by webhook) go to the same exchange as
