@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from marshmallow import ValidationError
 
 from fulfilment import metrics
 from fulfilment.clock import RedisClock
@@ -62,6 +63,9 @@ from fulfilment.redis_text import text
 from schemas.intent import PurchaseIntent, dump_intent, intent_fingerprint, load_intent
 from schemas.result import OrderResult, dump_result, load_result
 
+#: Errors that say a stored entry can never be read (the recovery sweep sends it to the
+#: failures queue rather than retrying it for ever).
+UNREADABLE = (ValidationError, ValueError, KeyError, TypeError)
 #: Decoded intents kept per process, oldest dropped first.
 INTENT_CACHE_SIZE = 4096
 #: The quantity limit when reading back an intent that was admitted already.

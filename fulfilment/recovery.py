@@ -25,16 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from marshmallow import ValidationError
 
 from fulfilment import refunds
 from fulfilment.flow import Services
 from fulfilment.keys import Keys
+from fulfilment.ledger import UNREADABLE
 
 log = logging.getLogger(__name__)
 
-#: Errors that say an entry can never be read: it goes to the failures route.
-UNREADABLE = (ValidationError, ValueError, KeyError, TypeError)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from fulfilment.errors import (
 from fulfilment.flow import Services
 from fulfilment.keys import Keys
 from fulfilment.lease import Lease
-from fulfilment.ledger import Entry, LeaseLostError
+from fulfilment.ledger import UNREADABLE, Entry, LeaseLostError
 from fulfilment.logcontext import bound
 from fulfilment.onebox.auth import AuthRefusedError
 from fulfilment.onebox.guard import before_send
@@ -628,10 +628,6 @@ class _Run:
         return entry.outcome
 
 
-#: Errors that say a refund entry can never be read (as the recovery sweep's for intents).
-UNREADABLE = (ValidationError, ValueError, KeyError, TypeError)
-
-
 def resume_stuck(services: Services, dispatch: Callable[[Mapping[str, Any]], None], *,
                  older_than: float, limit: int = 500) -> list[str]:
     """Dispatch again every refund owed something with no progress for ``older_than``
@@ -665,14 +661,7 @@ def resume_stuck(services: Services, dispatch: Callable[[Mapping[str, Any]], Non
     return resumed
 
 
-def summary(outcome: RefundResult) -> str:
-    """What the task returns (Flower, ``celery events``): identifiers only."""
-    if outcome.error is None:
-        return f"{outcome.status}: {outcome.order_code}"
-    return f"{outcome.status}: {outcome.error.code}"
-
-
 __all__ = ["Admission", "Decision", "Finished", "RefundConflictError", "RefundEntry",
            "RefundLedger", "RefundRefusedError", "RefundSubmission", "RetryLater",
            "UnknownRefundError", "advance_refund", "parse_refund", "purchase_refusal",
-           "resume_stuck", "submit_refund", "summary", "take_and_advance"]
+           "resume_stuck", "submit_refund", "take_and_advance"]

@@ -286,3 +286,17 @@ def _close_quietly(resource: Any) -> None:
     # errors) while closing a channel whose connection is already torn down.
     with contextlib.suppress(Exception):
         resource.close()
+
+
+def summary(outcome: OrderResult | RefundResult) -> str:
+    """What a purchase chain's last task returns (a refund task too): Flower and ``celery
+    events`` tell outcomes apart.
+
+    ``confirmed: <order code>``, ``failed: <error code>`` or ``unsettled: <error
+    code>``: identifiers only, never personal data. Celery puts the return value
+    in the task-succeeded event (and its "succeeded" log line) even though
+    results are not stored, so a failed purchase no longer reads as a success.
+    """
+    if outcome.error is None:
+        return f"{outcome.status}: {outcome.order_code}"
+    return f"{outcome.status}: {outcome.error.code}"

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import redis
 from celery import bootsteps
 from celery.app.trace import LOG_FAILURE
 from celery.beat import PersistentScheduler, SchedulingError
@@ -36,6 +37,10 @@ from kombu.exceptions import OperationalError
 from fulfilment.outage import BrokerOutage
 from tasks.app import app
 from tasks.badmessages import Consumer as BadMessagesConsumer
+
+#: Redis or broker blips: a task that meets one is retried with backoff by Celery itself
+#: (nothing was recorded).
+INFRA_ERRORS = (redis.RedisError, ConnectionError, OperationalError)
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from fulfilment.topology import Topology, is_amqp
 from fulfilment.wiring import broker_connection
 from tasks import runtime
 from tasks.app import app
+from tasks.brokerwatch import INFRA_ERRORS
 from tasks.producer import producer
-from tasks.purchase import INFRA_ERRORS, dispatch_many, resume
+from tasks.purchase import dispatch_many, resume
 from tasks.refunds import dispatch_refund
 
 

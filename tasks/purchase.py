@@ -31,17 +31,15 @@ from fulfilment.flow import Held, RetryIn, Stage, UnknownIntentError
 from fulfilment.keys import Keys
 from fulfilment.owed import OwedDispatches
 from fulfilment.release import BulkGate, BulkRelease
+from fulfilment.results import summary
 from schemas.intent import BULK, LIVE
-from schemas.result import OrderResult
 from tasks import runtime
 from tasks.app import app
-from tasks.brokerwatch import broker_errors, caused_by_broker
+from tasks.brokerwatch import INFRA_ERRORS, broker_errors, caused_by_broker
 
 log = logging.getLogger(__name__)
 
 _REFERENCE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-#: Redis or broker blips: retried with backoff by Celery itself (nothing was recorded).
-INFRA_ERRORS = (redis.RedisError, ConnectionError, OperationalError)
 
 
 AnyTask = Task[Any, Any]
@@ -137,19 +135,6 @@ def _stage_task(name: str, stage: Stage) -> AnyTask:
     run.__doc__ = f"Bring an intent up to {stage.name}."
     return app.task(name=name, bind=True, acks_late=True, autoretry_for=INFRA_ERRORS,
                     retry_backoff=True, retry_backoff_max=30, max_retries=None)(run)
-
-
-def summary(outcome: OrderResult) -> str:
-    """What the chain's last task returns: Flower and ``celery events`` tell outcomes apart.
-
-    ``confirmed: <order code>``, ``failed: <error code>`` or ``unsettled: <error
-    code>``: identifiers only, never personal data. Celery puts the return value
-    in the task-succeeded event (and its "succeeded" log line) even though
-    results are not stored, so a failed purchase no longer reads as a success.
-    """
-    if outcome.error is None:
-        return f"{outcome.status}: {outcome.order_code}"
-    return f"{outcome.status}: {outcome.error.code}"
 
 
 basket = _stage_task("fulfilment.basket", Stage.BASKET)

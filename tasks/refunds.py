@@ -17,23 +17,18 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from kombu.exceptions import OperationalError
 
 from fulfilment import refunds
 from fulfilment.errors import InvalidMessageError
 from fulfilment.logcontext import bound
 from fulfilment.refunds import RefundConflictError, RefundSubmission, RetryLater
+from fulfilment.results import summary
 from schemas.refund import RefundRequest
 from tasks import runtime
 from tasks.app import app
-from tasks.brokerwatch import broker_errors
-
-#: Redis or broker blips: retried with backoff by Celery itself (as ``tasks.purchase``'s;
-#: not imported from there, so importing ``tasks`` reads no settings).
-INFRA_ERRORS = (redis.RedisError, ConnectionError, OperationalError)
+from tasks.brokerwatch import INFRA_ERRORS, broker_errors
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +61,7 @@ def refund_task(self: AnyTask, request: object) -> str:
             log.info("retrying refund %s in %.2fs (%s)", parsed.id, decision.delay,
                      decision.reason)
         raise self.retry(countdown=decision.delay, max_retries=None)
-    return refunds.summary(decision.outcome)
+    return summary(decision.outcome)
 
 
 def dispatch_refund(document: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ from fulfilment.webhooks import actions
 from fulfilment.webhooks.notice import Notice, NoticeError
 from tasks import runtime
 from tasks.app import app
-from tasks.purchase import INFRA_ERRORS
+from tasks.brokerwatch import INFRA_ERRORS
 
 log = logging.getLogger(__name__)
 
