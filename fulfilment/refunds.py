@@ -84,6 +84,9 @@ log = logging.getLogger(__name__)
 
 #: The states of a refund entry (see the module docstring).
 RECORDED, SENT = "recorded", "sent"
+#: Onebox answered "an item refunded already" for several items: read, never send, until
+#: the order shows which were.
+CONFLICT = "conflict"
 #: Ours: why a refund of a purchase is refused (at submission, or by the worker).
 UNKNOWN_PURCHASE = "UNKNOWN_PURCHASE"
 PURCHASE_NOT_FINISHED = "PURCHASE_NOT_FINISHED"
@@ -461,6 +464,9 @@ class _Run:
             return  # refused: the outcome is written
         items = entry.request.items
         with bound(order_id=code):
+            if entry.state == CONFLICT:
+                self.already_refunded(entry, code, items)
+                return
             if entry.state == SENT:
                 # A refund may have been done: ask Onebox before sending another.
                 order = self.read_back(code)
@@ -542,7 +548,9 @@ class _Run:
                          exc.code)
                 self.finish(entry, REFUNDED, code=code, items=items, already=True)
                 return
-            # One of several items was refunded before: which, the read must say.
+            # One of several items was refunded before: which, the read must say. Sending
+            # again would only be refused again (or, lost, leave us where we are).
+            self.record(state=CONFLICT)
             raise UnreadableYetError(
                 f"order {code} answered 409 (an item refunded already) and cannot be read "
                 f"({exc.code}): which of the items were refunded is unknown; read again later",
