@@ -51,6 +51,9 @@ def settings(sandbox: RunningSandbox, redis_url: str, prefix: str) -> Settings:
         # The machine's Redis keeps nothing on disk; the durable configuration
         # has tests of its own (test_durability, the chaos suite's host crash).
         require_durable_redis=False,
+        # Workers started with these settings serve metrics on a port of the test's own,
+        # not the default 9650 (tests run side by side: pytest -n).
+        metrics_port=services.free_port(),
     )
 
 

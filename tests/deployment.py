@@ -15,7 +15,7 @@ from typing import Any
 
 from fulfilment.config import Settings
 from fulfilment.harness.cluster import Cluster
-from fulfilment.harness.processes import SandboxProcess
+from fulfilment.harness.processes import SandboxProcess, free_port
 from tasks import app as celery_app
 from tasks.app import configure
 
@@ -34,7 +34,10 @@ def deployment(tmp_path: Path, redis_url: str, prefix: str, *sandbox_args: str,
         "broker_url": broker_url or redis_url,
         "key_prefix": prefix, "retry_base_delay": 0.05, "retry_max_delay": 0.5,
         # The machine's Redis keeps nothing on disk; durability has tests of its own.
-        "require_durable_redis": False, **overrides})
+        "require_durable_redis": False,
+        # A metrics port of the test's own, not the default 9650: tests running side by
+        # side (pytest -n) never compete for one port and its multiprocess directory.
+        "metrics_port": free_port(), **overrides})
     configure(settings)  # this process is the producer
     running = Cluster(settings, sandbox, tmp_path)
     try:

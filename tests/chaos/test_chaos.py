@@ -48,7 +48,10 @@ from tasks import app as celery_app
 from tasks.app import configure
 from tests.services import free_port, rabbitmq_vhost, require, unique_prefix
 
-pytestmark = pytest.mark.integration
+#: Under pytest -n (CI: -n 2 --dist loadgroup) the scenarios run one at a time, as they
+#: were tuned (each wants most of the machine; two at once stretch the faults scenario
+#: threefold and its baskets wear out), beside the lighter tests on the other process.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("chaos")]
 
 INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_INTENTS", "400")), 1)
 #: Intents per scenario with RabbitMQ as the broker (measured: see docs/operations.md, "Brokers").
@@ -96,6 +99,7 @@ def _chaos_cluster(tmp_path: Path, broker_url: str | None,
         retry_base_delay=0.05, retry_max_delay=1.0, retry_deadline=600, retry_max_attempts=12,
         visibility_timeout=20, task_soft_time_limit=8, task_time_limit=10,
         stuck_after=20, sweep_interval=5, require_durable_redis=APPENDFSYNC == "always",
+        metrics_port=free_port(),  # the scenario's own (tests run side by side: pytest -n)
     ).with_overrides(**overrides)
     configure(settings)
     cluster = Cluster(settings, sandbox, tmp_path)
@@ -507,6 +511,8 @@ ALTERNATIVES: list[dict[str, Any]] = [
 
 
 @pytest.mark.timeout(900)
+# Mostly waits (retries, baskets lapsing): the longest scenario goes beside the others.
+@pytest.mark.xdist_group("chaos-alternatives")
 def test_every_other_answer_onebox_might_give(chaos: Cluster) -> None:
     # Given one deployment, a little of every fault on every endpoint, and each of
     # Onebox's other possible answers in turn (a batch of intents per answer)

@@ -14,7 +14,7 @@ import redis
 from fulfilment.config import Settings
 from fulfilment.errors import CircuitOpenError, TransientError
 from fulfilment.harness.cluster import Cluster
-from fulfilment.harness.processes import SandboxProcess, wait_for
+from fulfilment.harness.processes import SandboxProcess, free_port, wait_for
 from fulfilment.onebox import build_client
 from fulfilment.onebox.guard import OneboxGuard
 from fulfilment.sandbox import RunningSandbox
@@ -33,7 +33,8 @@ def cluster_for(tmp_path: Path, redis_url: str, prefix: str, **overrides: Any) -
         onebox_api_url=sandbox.url, redis_url=redis_url, broker_url=redis_url, key_prefix=prefix,
         retry_base_delay=0.05, retry_max_delay=3.0, retry_deadline=300, onebox_read_timeout=2.0,
         require_durable_redis=False,  # the machine's Redis keeps nothing on disk
-        lease_ttl=3.0, **overrides)
+        lease_ttl=3.0, metrics_port=free_port(),  # not 9650: tests run side by side
+        **overrides)
     configure(settings)  # this process is the producer
     return Cluster(settings, sandbox, tmp_path)
 

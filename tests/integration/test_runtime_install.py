@@ -24,7 +24,7 @@ import pytest
 
 from fulfilment.config import Settings
 from fulfilment.harness.cluster import env_for
-from fulfilment.harness.processes import wait_for
+from fulfilment.harness.processes import free_port, wait_for
 from fulfilment.keys import Keys
 from fulfilment.results import consume_results
 from fulfilment.topology import Topology
@@ -122,7 +122,7 @@ def test_a_plain_install_runs_worker_submit_and_inspect(venv: Path, redis_url: s
         sandbox_url = wait_for(listening, timeout=30, what="the installed sandbox to listen")
         settings = Settings.from_env({"FULFILMENT_REQUIRE_DURABLE_REDIS": "false"}).with_overrides(
             onebox_api_url=sandbox_url, redis_url=redis_url, broker_url=redis_url,
-            key_prefix=prefix)
+            key_prefix=prefix, metrics_port=free_port())  # not 9650: tests run side by side
         # The machine's Redis does not fsync every write; durability is not what this tests.
         env = clean_env(**{**env_for(settings), "FULFILMENT_REQUIRE_DURABLE_REDIS": "false"})
         worker = Installed([str(bin_ / "celery"), "-A", "tasks", "worker", "-l", "INFO",
