@@ -972,7 +972,8 @@ def _reread(services: Services, reference: str) -> Entry:
 
 
 def _free_orphans(services: Services, reference: str) -> bool:
-    """Clear our abandoned baskets once; True if the seat is worth asking for again.
+    """Clear our abandoned baskets once; True if the seat is worth asking for again (one
+    was released, holds on, or is gone: an expiry Onebox had not swept yet).
 
     An abandoned basket's content is unknown, and a call of ours may land there
     late (Onebox finishing it after we gave up), holding seats and restarting
@@ -985,7 +986,7 @@ def _free_orphans(services: Services, reference: str) -> bool:
     entry = _reread(services, reference)
     if not entry.orphans:
         return False
-    released = held_on = False
+    released = held_on = gone = False
     for order_id in entry.orphans:
         with bound(step="release", order_id=order_id):
             try:
@@ -995,7 +996,9 @@ def _free_orphans(services: Services, reference: str) -> bool:
                     log.info("released %d items our abandoned basket still held", len(items))
                     released = True
             except PermanentError as exc:
-                if exc.code != ORDER_NOT_FOUND:
+                if exc.code == ORDER_NOT_FOUND:
+                    gone = True  # expired just now, maybe: its seats are free to ask for
+                else:
                     log.info("abandoned basket %s holds on (%s): waiting for it", order_id,
                              exc.code)
                     held_on = True
@@ -1006,7 +1009,7 @@ def _free_orphans(services: Services, reference: str) -> bool:
     ttl = entry.basket_ttl or DEFAULT_BASKET_TTL
     wait = {"orphan_expires": services.clock() + ttl + 1.0} if held_on else {}
     services.ledger.record(reference, orphans=[], **wait)
-    return released or held_on
+    return released or held_on or gone
 
 
 def _orphan_left(services: Services, reference: str) -> float:

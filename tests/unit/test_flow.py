@@ -901,3 +901,20 @@ def test_a_release_answered_but_not_done_is_waited_out_as_our_own_hold(world: Wo
     entry = world.services.ledger.get(reference)
     assert entry is not None and abandoned in entry.orphans
     assert entry.orphan_expires is not None
+
+
+def test_a_seat_held_by_an_abandoned_basket_gone_meanwhile_is_asked_for_again(
+        world: World) -> None:
+    # Given an intent whose abandoned basket's wait is over, and Onebox answering a
+    # seat of that basket unavailable, once: it expired, but was not yet swept
+    reference = world.submit()
+    world.services.ledger.record(reference, orphans=["f" * 32],
+                                 orphan_expires=world.clock[0] - 1.0)
+    world.onebox.failures["seats"] = [PermanentError(
+        "seat held", code="ORDER_SEAT_NOT_AVAILABLE", status=409, step="seats")]
+    # When it runs
+    run_until_done(world, reference)
+    # Then the abandoned basket is found gone, and the seat asked for again: bought
+    [result] = world.results()
+    assert result.status == "confirmed", result.error
+    assert world.onebox.calls.count("seats") == 2
