@@ -19,7 +19,6 @@ each: fewer, so that the three add about three minutes to CI.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -48,18 +47,15 @@ from tasks import app as celery_app
 from tasks.app import configure
 from tests.services import free_port, rabbitmq_vhost, require, unique_prefix
 
-#: Under pytest -n (CI: -n 2 --dist loadgroup) the scenarios run one at a time, as they
-#: were tuned (each wants most of the machine; two at once stretch the faults scenario
-#: threefold and its baskets wear out), beside the lighter tests on the other process.
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("chaos")]
+#: Under pytest -n --dist loadfile (CI) this module's scenarios run one at a time, as they
+#: were tuned (each wants most of the machine), beside the lighter tests in the other process.
+pytestmark = pytest.mark.integration
 
 INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_INTENTS", "400")), 1)
 #: Intents per scenario with RabbitMQ as the broker (measured: see docs/operations.md, "Brokers").
 RABBITMQ_INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_RABBITMQ_INTENTS", "100")), 1)
 #: The scenarios run on both brokers: ``@BOTH_BROKERS`` (the fixture reads the parameter).
 BOTH_BROKERS = pytest.mark.parametrize("chaos", ["redis", "rabbitmq"], indirect=True)
-#: Intents per API alternative (each alternative is a scenario of its own).
-ALTERNATIVE_INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_ALTERNATIVE_INTENTS", "60")), 1)
 #: One intent in this many asks for a recital seat the box office sold first.
 BOUND_TO_FAIL_EVERY = 50
 SOLD_SEATS = (1, 2, 3, 4)
@@ -463,10 +459,6 @@ def test_intake_drainers_killed_with_sigkill(chaos: Cluster) -> None:
     client.close()
 
 
-#: A little of every fault on every endpoint, "done after the client gave up" included.
-EVERY_FAULT = {"error_503": 0.02, "lost_response": 0.02, "late": 0.03, "late_ms": 2500,
-               "latency_ms": 1, "latency_jitter_ms": 10}
-
 
 @BOTH_BROKERS
 def test_onebox_finishing_calls_after_the_client_gave_up(chaos: Cluster) -> None:
@@ -482,60 +474,6 @@ def test_onebox_finishing_calls_after_the_client_gave_up(chaos: Cluster) -> None
     faults = chaos.sandbox.admin.audit()["faults"]
     for step in ("create", "seats", "seats_auto", "buyer_data", "pre_confirm", "confirm"):
         assert faults.get(step, {}).get("late"), (step, faults)
-
-
-#: Every answer docs/sandbox.md chose where the real API is unknown, the other way.
-ALTERNATIVES: list[dict[str, Any]] = [
-    {"release_outside_basket": "refuse"},
-    {"release_outside_basket": "ignored"},
-    {"orders_mgmt_read": "401"},
-    {"orders_mgmt_read": "403"},
-    {"orders_mgmt_read": "404"},
-    {"orders_mgmt_lag_ms": 3000},
-    {"orders_mgmt_scope": "confirmed"},
-    {"repeat_status_call": "idempotent"},
-    {"expired_orders": "readable"},
-    {"refused_calls_touch": False},
-    {"reads_touch": True},
-    {"seats_auto_items": "per_call"},
-    {"buyer_data": "merge"},
-    {"empty_body": "refuse"},
-    {"create_body": "ignored"},
-    {"check_order": "status_first"},
-    {"change_pre_confirmed": "to_basket"},
-    {"code_after_basket": "new"},
-    {"release_unknown_items": "ignore"},
-    {"missing_rate_id": "required"},
-    {"seat_unavailable_status": 400},
-]
-
-
-@pytest.mark.timeout(900)
-# Mostly waits (retries, baskets lapsing): the longest scenario goes beside the others.
-@pytest.mark.xdist_group("chaos-alternatives")
-def test_every_other_answer_onebox_might_give(chaos: Cluster) -> None:
-    # Given one deployment, a little of every fault on every endpoint, and each of
-    # Onebox's other possible answers in turn (a batch of intents per answer)
-    chaos.sandbox.admin.set_faults({"seed": 13, "endpoints": {"*": EVERY_FAULT}})
-    chaos.start_worker(concurrency=4)
-    # Short baskets: an abandoned one of unknown content lets go of its seats sooner
-    defaults = chaos.sandbox.admin.configure(basket_ttl=8)
-    chosen = os.environ.get("FULFILMENT_CHAOS_ALTERNATIVES", "")  # keys, to run a few
-    for number, switch in enumerate(ALTERNATIVES):
-        [(key, value)] = switch.items()
-        if chosen and key not in chosen.split(","):
-            continue
-        chaos.sandbox.admin.configure(**switch)
-        documents = intents(f"alt{number}", ALTERNATIVE_INTENTS,
-                            first_seat=1 + number * ALTERNATIVE_INTENTS)
-        submit(documents)
-        # Then every intent of the batch is bought once, or failed with nothing bought;
-        # where Onebox refuses every read, a confirm it may have done ends unsettled,
-        # and the operator settles it once reads work again
-        restore = functools.partial(chaos.sandbox.admin.configure, **{key: defaults[key]})
-        verify(chaos, f"Onebox answers {key}={json.dumps(value)}", documents, len(documents),
-               before_settling=restore if key == "orders_mgmt_read" else None)
-        restore()
 
 
 #: Intents of the cancel scenario: one in four a hold. Its length is the holds' lapse
