@@ -46,8 +46,7 @@ from schemas.refund import RefundResult
 from schemas.result import UNSETTLED, OrderResult
 from tests.chaos.test_chaos import _chaos_cluster, expected_failures, intents, reached, submit
 
-#: One at a time with the other chaos scenarios under pytest -n (see tests/chaos/test_chaos.py).
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("chaos")]
+pytestmark = pytest.mark.integration
 
 #: Purchases of the scenario (at least 40: it refunds 20 of those confirmed).
 REFUND_INTENTS = max(int(os.environ.get("FULFILMENT_CHAOS_REFUND_INTENTS", "60")), 40)
