@@ -8,13 +8,16 @@
 # restarting it in a loop. A one-off `docker compose run worker fulfilment ...`
 # replaces the command, so it does not pass through here and keeps its exit code.
 set -u
+# The traps first: a signal that comes as the command starts is passed on, not taken by
+# this shell (which would end with 143 and leave the command without its warm shutdown).
+child=
+for signal in TERM INT QUIT HUP USR1; do
+  trap "[ -n \"\$child\" ] && kill -s $signal \$child 2>/dev/null" "$signal"
+done
 exec 3<&0                     # a background job's stdin would be /dev/null
 "$@" <&3 3<&- &
 child=$!
 exec 3<&-
-for signal in TERM INT QUIT HUP USR1; do
-  trap "kill -s $signal $child 2>/dev/null" "$signal"
-done
 status=0
 wait "$child" || status=$?
 # wait returns early (status above 128) when a signal arrives: wait for COMMAND itself.
