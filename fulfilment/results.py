@@ -129,29 +129,16 @@ def consume_results(connection: Connection, topology: Topology, *, timeout: floa
     comes back for more (iterate to the end rather than ``break``: a message
     whose caller broke off is left unacknowledged and is delivered again).
     """
-    publisher = ResultPublisher(connection, topology)
-
-    def unreadable(raw: str | None, exc: Exception) -> None:
-        # Not ours, or corrupted: kept for an operator, never a reason to stop reading.
-        publisher.publish_failure(
-            f"unreadable message on the results queue: {type(exc).__name__}", {}, raw)
-
-    yield from _consume(connection, topology.results_queue, load_result, timeout, idle_timeout,
-                        limit=limit, unreadable=unreadable)
+    return _to_failures(connection, topology, topology.results_queue, load=load_result,
+                        name="results", timeout=timeout, idle_timeout=idle_timeout, limit=limit)
 
 
 def consume_refund_results(connection: Connection, topology: Topology, *,
                            timeout: float = 1.0, idle_timeout: float | None = None,
                            limit: int | None = None) -> Iterator[RefundResult]:
     """Yield refund outcomes from the refunds queue, as ``consume_results`` does results."""
-    publisher = ResultPublisher(connection, topology)
-
-    def unreadable(raw: str | None, exc: Exception) -> None:
-        publisher.publish_failure(
-            f"unreadable message on the refunds queue: {type(exc).__name__}", {}, raw)
-
-    yield from _consume(connection, topology.refunds_queue, load_refund_result, timeout,
-                        idle_timeout, limit=limit, unreadable=unreadable)
+    return _to_failures(connection, topology, topology.refunds_queue, load=load_refund_result,
+                        name="refunds", timeout=timeout, idle_timeout=idle_timeout, limit=limit)
 
 
 def consume_failures(connection: Connection, topology: Topology, *, timeout: float = 1.0,
@@ -175,14 +162,24 @@ def consume_aftersale(connection: Connection, topology: Topology, *, timeout: fl
                       limit: int | None = None) -> Iterator[AftersaleEvent]:
     """Yield after-sale events as ``consume_results`` yields results (same acknowledgement
     rule); an unreadable one goes to the failures queue."""
+    return _to_failures(connection, topology, topology.aftersale_queue, load=load_aftersale,
+                        name="after-sale", timeout=timeout, idle_timeout=idle_timeout,
+                        limit=limit)
+
+
+def _to_failures(connection: Connection, topology: Topology, queue: Any, *,
+                 load: Callable[[Any], Any], name: str, timeout: float,
+                 idle_timeout: float | None, limit: int | None) -> Iterator[Any]:
+    """``_consume``, a message that does not load sent to the failures queue: not ours, or
+    corrupted, it is kept for an operator, and never a reason to stop reading."""
     publisher = ResultPublisher(connection, topology)
 
     def unreadable(raw: str | None, exc: Exception) -> None:
         publisher.publish_failure(
-            f"unreadable message on the after-sale queue: {type(exc).__name__}", {}, raw)
+            f"unreadable message on the {name} queue: {type(exc).__name__}", {}, raw)
 
-    yield from _consume(connection, topology.aftersale_queue, load_aftersale, timeout,
-                        idle_timeout, limit=limit, unreadable=unreadable)
+    return _consume(connection, queue, load, timeout, idle_timeout, limit=limit,
+                    unreadable=unreadable)
 
 
 def _failure(payload: Any) -> dict[str, Any]:
