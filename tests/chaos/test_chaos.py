@@ -465,14 +465,18 @@ def test_onebox_finishing_calls_after_the_client_gave_up(chaos: Cluster) -> None
     # Given an Onebox that finishes some calls of every endpoint only after the
     # client's read timeout (2 s): the retry, a release or another call lands first
     late = {"late": 0.03, "late_ms": 2500, "lost_response": 0.02}
-    chaos.sandbox.admin.set_faults({"seed": 5, "endpoints": {"*": late}})
+    # Each step's first call is late too, so every step meets one whatever the number of
+    # calls a run makes (3% of a step called 30 times misses it about one run in three)
+    steps = ("create", "seats", "seats_auto", "buyer_data", "pre_confirm", "confirm")
+    chaos.sandbox.admin.set_faults({"seed": 5, "endpoints": {
+        "*": late, **{step: {**late, "script": ["late"]} for step in steps}}})
     # Each late call holds a worker process for the read timeout: more processes
     documents = start(chaos, "late", 8)
     # Then each intent is still bought once, or failed with nothing bought
     verify(chaos, "Onebox completes calls after the client's timeout (3%, every step)",
            documents, len(documents))
     faults = chaos.sandbox.admin.audit()["faults"]
-    for step in ("create", "seats", "seats_auto", "buyer_data", "pre_confirm", "confirm"):
+    for step in steps:
         assert faults.get(step, {}).get("late"), (step, faults)
 
 
