@@ -358,22 +358,22 @@ def held(world: World) -> str:
     return reference
 
 
-def confirm_sent(world: World) -> str:
-    """Confirmed by Onebox, its answer lost."""
+def _confirm_answered(world: World, fault: str) -> str:
     reference = world.admit()
-    world.faults(confirm=["lost_response"])
+    world.faults(confirm=[fault])
     assert isinstance(world.run(reference), RetryIn)
     world.calm()
     return reference
+
+
+def confirm_sent(world: World) -> str:
+    """Confirmed by Onebox, its answer lost."""
+    return _confirm_answered(world, "lost_response")
 
 
 def confirm_sent_unconfirmed(world: World) -> str:
     """A confirm answered 500: maybe done, for us; not done, in the sandbox."""
-    reference = world.admit()
-    world.faults(confirm=["error_500"])
-    assert isinstance(world.run(reference), RetryIn)
-    world.calm()
-    return reference
+    return _confirm_answered(world, "error_500")
 
 
 def stopping(world: World) -> str:
